@@ -1,0 +1,67 @@
+"""Resume checkpoints: `output_dir/checkpoints/checkpoint-{step}`, written atomically and pruned to a limit.
+
+A checkpoint is what `accelerator.save_state` writes (model, optimizer, LR scheduler, RNG states). It is written to
+`checkpoint-{step}.tmp` and renamed when complete, so a crash while saving never leaves a half checkpoint that
+`--resume_from_checkpoint latest` would pick.
+"""
+
+import os
+import re
+import shutil
+
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+
+logger = get_logger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    folder = checkpoints_dir(output_dir)
+    if not os.path.isdir(folder):
+        return []
+    steps = [int(match[1]) for name in os.listdir(folder) if (match := CHECKPOINT_PATTERN.match(name))]
+    return [os.path.join(folder, f"checkpoint-{step}") for step in sorted(steps)]
+
+
+def find_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | None:
+    """The checkpoint `--resume_from_checkpoint` names: `latest` (None when there is none yet) or a path."""
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = resume_from_checkpoint.rstrip("/")
+    if not os.path.isdir(path) or not CHECKPOINT_PATTERN.match(os.path.basename(path)):
+        raise ValueError(
+            f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a checkpoint folder "
+            f"(expected .../checkpoint-STEP); use 'latest' or one of {list_checkpoints(output_dir)}."
+        )
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
+    """Save the full training state for `step`; every process must call this (each writes its RNG state)."""
+    final_path = os.path.join(checkpoints_dir(output_dir), f"checkpoint-{step}")
+    temporary_path = final_path + ".tmp"
+    if accelerator.is_main_process and os.path.exists(temporary_path):
+        shutil.rmtree(temporary_path)  # left over from a crash during an earlier save of this step
+    accelerator.wait_for_everyone()
+    accelerator.save_state(temporary_path)
+    accelerator.wait_for_everyone()  # every rank has written its part before the rename makes it visible
+    if accelerator.is_main_process:
+        if os.path.exists(final_path):
+            shutil.rmtree(final_path)
+        os.replace(temporary_path, final_path)
+        logger.info(f"Saved checkpoint {final_path}")
+        if total_limit:
+            # Prune only after the new checkpoint is complete, so the newest good one always survives.
+            for old_path in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old_path)
+                logger.info(f"Removed old checkpoint {old_path} (--checkpoints_total_limit {total_limit})")
+    accelerator.wait_for_everyone()
+    return final_path

@@ -1,0 +1,130 @@
+"""Image-classification datasets (MNIST by default) through Hugging Face `datasets`, decoded once into tensors.
+
+The same `datasets.load_dataset(...)` call serves a Hub id (`ylecun/mnist`) and a local folder in that layout.
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN = "image"
+LABEL_COLUMN = "label"
+
+
+@dataclass
+class ImageClassData:
+    """A whole split held in memory: MNIST's 60,000 training images take 47 MB as uint8."""
+
+    images: torch.Tensor  # uint8, (N, 1, resolution, resolution), 0..255
+    labels: torch.Tensor  # int64, (N,)
+    label_names: list[str]  # label_names[class_id] is the dataset's name for that class
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_image_class_dataset(dataset: str) -> datasets.DatasetDict:
+    """Load `dataset` (a Hub id or a local folder) and check it has `image` and `label` columns.
+
+    Raises `ValueError` naming the problem and the fix when the folder is missing, the Hub is unreachable or the
+    columns are wrong.
+    """
+    # A Hub id is `name` or `namespace/name`; anything else that is not an existing folder is a mistyped path.
+    looks_like_path = (
+        dataset.startswith(("/", ".", "~")) or dataset.count("/") > 1 or os.sep in dataset.replace("/", "")
+    )
+    if looks_like_path and not os.path.isdir(os.path.expanduser(dataset)):
+        raise ValueError(
+            f"Dataset folder {dataset!r} does not exist. Pass a folder in the `ylecun/mnist` layout "
+            "(like data/mnist) or a Hub dataset id."
+        )
+    try:
+        dataset_dict = datasets.load_dataset(os.path.expanduser(dataset))
+    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise ValueError(
+            f"Could not load dataset {dataset!r}: {error}. Pass a local folder in the `ylecun/mnist` "
+            "layout (parquet files with `image` and `label` columns), or a Hub id on a machine that "
+            "can reach the Hub."
+        ) from error
+    for split_name, split in dataset_dict.items():
+        missing = [column for column in (IMAGE_COLUMN, LABEL_COLUMN) if column not in split.column_names]
+        if missing:
+            raise ValueError(
+                f"Dataset {dataset!r} split {split_name!r} has columns {split.column_names} but lacks "
+                f"{missing}; it needs an `image` column of images and a `label` column of class ids."
+            )
+    return dataset_dict
+
+
+def label_names_of(split: datasets.Dataset) -> list[str]:
+    """Class names from the `label` column's `ClassLabel` feature, or the ids as strings for a plain int column."""
+    feature = split.features[LABEL_COLUMN]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    return [str(class_id) for class_id in range(max(split[LABEL_COLUMN]) + 1)]
+
+
+def load_split(dataset: str, split: str = "train", resolution: int = 28) -> ImageClassData:
+    """Decode one split into a uint8 image tensor and an int64 label tensor.
+
+    Decoding runs once through `Dataset.map`, whose result `datasets` caches on disk under the dataset's fingerprint:
+    later runs load the cached arrays (~0.2 s for MNIST's train split) instead of decoding 60,000 PNGs (~4 s).
+    Images of another mode or size are converted to grayscale and resized to `resolution`, with a logged notice.
+
+    Args:
+        dataset (`str`):
+            A Hub dataset id (`ylecun/mnist`) or a local folder in that layout.
+        split (`str`, *optional*, defaults to `"train"`):
+            Which split to load.
+        resolution (`int`, *optional*, defaults to 28):
+            Height and width of the returned images.
+
+    Returns:
+        [`ImageClassData`]: images, labels and the label names.
+    """
+    dataset_dict = load_image_class_dataset(dataset)
+    if split not in dataset_dict:
+        raise ValueError(f"Dataset {dataset!r} has no split {split!r}; it has {list(dataset_dict)}.")
+    data = dataset_dict[split]
+    if len(data) == 0:
+        raise ValueError(f"Split {split!r} of dataset {dataset!r} is empty.")
+
+    first_image = data[0][IMAGE_COLUMN]
+    if first_image.mode != "L" or first_image.size != (resolution, resolution):
+        logger.warning(
+            f"Dataset {dataset!r} holds {first_image.mode} images of {first_image.size[0]}x"
+            f"{first_image.size[1]}; converting them to grayscale {resolution}x{resolution}."
+        )
+
+    def to_pixels(batch: dict) -> dict:
+        pixels = []
+        for image in batch[IMAGE_COLUMN]:
+            image = image.convert("L")
+            if image.size != (resolution, resolution):
+                image = image.resize((resolution, resolution))
+            pixels.append(np.asarray(image, dtype=np.uint8)[None])
+        return {"pixels": np.stack(pixels)}
+
+    features = datasets.Features(
+        {
+            "pixels": datasets.Array3D((1, resolution, resolution), "uint8"),
+            LABEL_COLUMN: data.features[LABEL_COLUMN],
+        }
+    )
+    decoded = data.map(
+        to_pixels,
+        batched=True,
+        batch_size=2000,
+        remove_columns=[IMAGE_COLUMN],
+        features=features,
+        desc=f"Decoding {split} images",
+    )
+    images = decoded.with_format("torch", columns=["pixels"], dtype=torch.uint8)[:]["pixels"]
+    labels = decoded.with_format("torch", columns=[LABEL_COLUMN], dtype=torch.int64)[:][LABEL_COLUMN]
+    return ImageClassData(images=images, labels=labels, label_names=label_names_of(data))

@@ -1,0 +1,237 @@
+"""`ClassConditionedDDIMPipeline`: sample images of chosen classes from a `ClassConditionedUNet`.
+
+This module imports only torch, diffusers, the standard library and the model module: it is the pipeline code that
+travels inside a saved pipeline folder.
+"""
+
+import inspect
+import logging
+from collections.abc import Callable
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
+
+from .modeling_class_conditioned_unet import ClassConditionedUNet
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from pipeline import ClassConditionedDDIMPipeline
+
+        >>> pipe = ClassConditionedDDIMPipeline.from_pretrained("output/mnist-quick")
+        >>> generator = torch.Generator().manual_seed(0)
+        >>> images = pipe(class_labels=[3, 7], num_images_per_label=2, generator=generator).images
+        >>> len(images), images[0].size
+        (4, (28, 28))
+        >>> images[0].save("three.png")
+        ```
+"""
+
+
+class ClassConditionedDDIMPipeline(DiffusionPipeline):
+    r"""
+    Pipeline for class-conditional image generation, e.g. MNIST digits of the classes you ask for.
+
+    This model inherits from [`DiffusionPipeline`]. Check the superclass documentation for the generic methods
+    implemented for all pipelines (downloading, saving, running on a particular device, etc.).
+
+    Parameters:
+        unet ([`ClassConditionedUNet`]):
+            A class-conditioned UNet that predicts the noise in an image given the timestep and the class label.
+        scheduler ([`SchedulerMixin`]):
+            A scheduler to denoise the images with. Trained with a [`DDIMScheduler`]; any diffusers scheduler built
+            from its config works too (`DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`).
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["images"]
+
+    def __init__(self, unet: ClassConditionedUNet, scheduler: SchedulerMixin):
+        super().__init__()
+        # Unlike diffusers' DDIMPipeline we keep the scheduler we are given: a saved pipeline may carry a faster
+        # sampler as its default, and converting it back to DDIM on load would silently discard that choice.
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Label name -> class id, from the model's `id2label` (the dataset's class names), sorted by name."""
+        id2label = self.unet.config.id2label or {i: str(i) for i in range(self.unet.config.num_classes)}
+        return dict(sorted((str(name), int(class_id)) for class_id, name in id2label.items()))
+
+    def get_label_ids(self, label: int | str | list[int | str] | torch.Tensor) -> list[int]:
+        r"""
+        Map class labels to class ids.
+
+        Args:
+            label (`int`, `str`, `list[int | str]` or 1-D `torch.Tensor`):
+                Class ids (`3`), label names (`"3"`, see [`~ClassConditionedDDIMPipeline.labels`]) or a list
+                mixing both. A string is always one label name, never split into characters.
+
+        Returns:
+            `list[int]`: One class id per label.
+        """
+        if isinstance(label, torch.Tensor):
+            if label.ndim > 1 or label.is_floating_point():
+                raise ValueError(
+                    f"class_labels as a tensor must be a 1-D integer tensor, got shape "
+                    f"{tuple(label.shape)} and dtype {label.dtype}."
+                )
+            label = label.tolist()
+        labels = [label] if isinstance(label, (int, str)) else list(label)
+        if not labels:
+            raise ValueError("class_labels is empty: pass at least one class id or name, e.g. class_labels=[3, 7].")
+        num_classes = self.unet.config.num_classes
+        names = self.labels
+        class_ids = []
+        for item in labels:
+            if isinstance(item, str):
+                if item not in names:
+                    raise ValueError(f"Unknown label name {item!r}; valid names are {list(names)}.")
+                class_ids.append(names[item])
+            elif isinstance(item, int) and not isinstance(item, bool):
+                if not 0 <= item < num_classes:
+                    raise ValueError(f"Class id {item} is out of range: this model knows ids 0 to {num_classes - 1}.")
+                class_ids.append(item)
+            else:
+                raise TypeError(f"A class label must be an int id or a str name, got {item!r} ({type(item).__name__}).")
+        return class_ids
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        class_labels: int | str | list[int | str] | torch.Tensor,
+        num_images_per_label: int = 1,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[["ClassConditionedDDIMPipeline", int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["images"],  # noqa: B006 (diffusers' signature)
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Generate images of the requested classes.
+
+        Args:
+            class_labels (`int`, `str`, `list[int | str]` or 1-D `torch.Tensor`):
+                The classes to draw: ids (`[3, 7]`) or label names (`["3", "7"]`, see
+                [`~ClassConditionedDDIMPipeline.labels`]).
+            num_images_per_label (`int`, *optional*, defaults to 1):
+                Images per requested label; the output lists all images of the first label, then the second, and so on.
+            num_inference_steps (`int`, *optional*, defaults to 50):
+                Denoising steps. More steps usually give cleaner images, linearly slower.
+            guidance_scale (`float`, *optional*, defaults to 1.0):
+                Classifier-free guidance scale s (diffusers' convention; s = 1 + w of the CFG paper). `1.0` turns
+                guidance off; larger values follow the class more strictly at the cost of diversity. Needs a model
+                trained with class dropout.
+            eta (`float`, *optional*, defaults to 0.0):
+                The η of the [DDIM](https://huggingface.co/papers/2010.02502) paper: `0` is deterministic DDIM, `1`
+                is DDPM-like. Passed only to schedulers whose `step` accepts it.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Makes generation deterministic. A list must hold one generator per image, so each image can be
+                reproduced on its own.
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"` (list of `PIL.Image`), `"np"` (`np.ndarray` of shape `(N, H, W, C)` in [0, 1]) or `"pt"`
+                (`torch.Tensor` of shape `(N, C, H, W)` in [0, 1]).
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Return an [`~pipelines.ImagePipelineOutput`] instead of a plain tuple.
+            callback_on_step_end (`Callable`, *optional*):
+                Called after each denoising step as `callback_on_step_end(pipe, step, timestep, callback_kwargs)`
+                with the tensors named in `callback_on_step_end_tensor_inputs`; it returns a dict whose entries
+                replace those tensors (return `callback_kwargs` to change nothing).
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["images"]`):
+                Which tensors `callback_kwargs` holds; `"images"` is the current noisy batch.
+
+        Examples:
+
+        Returns:
+            [`~pipelines.ImagePipelineOutput`] or `tuple`: the images, or `(images,)` when `return_dict` is `False`.
+        """
+        # 0. check inputs
+        if num_images_per_label < 1:
+            raise ValueError(f"num_images_per_label must be at least 1, got {num_images_per_label}.")
+        class_ids = [i for i in self.get_label_ids(class_labels) for _ in range(num_images_per_label)]
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"Unknown output_type {output_type!r}; choose one of {list(OUTPUT_TYPES)}.")
+        batch_size = len(class_ids)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"You passed {len(generator)} generators for {batch_size} images ({batch_size // num_images_per_label} "
+                f"labels x {num_images_per_label} per label); pass one generator per image or a single generator."
+            )
+        unknown_inputs = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown_inputs:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, "
+                f"got {sorted(unknown_inputs)}."
+            )
+        if not 0.0 <= eta <= 1.0:
+            logger.warning(f"eta should be between 0 (DDIM) and 1 (DDPM), got {eta}; results may be unexpected.")
+        do_guidance = guidance_scale > 1.0
+        if do_guidance and not self.unet.config.class_dropout_prob:
+            logger.warning(
+                f"guidance_scale={guidance_scale} asks for classifier-free guidance, but this model was trained "
+                "without class dropout, so its 'no class' prediction is untrained; expect poor images. Use "
+                "guidance_scale=1.0 or retrain with --class_dropout_prob 0.1."
+            )
+
+        device = self._execution_device
+        config = self.unet.config
+        labels = torch.tensor(class_ids, device=device)
+        if do_guidance:
+            # Conditional and unconditional halves go through the UNet as one batch of 2N.
+            labels = torch.cat([labels, torch.full_like(labels, self.unet.null_class_id)])
+
+        # 1. sample the starting noise; with a list of generators, image i depends on generator i only
+        shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
+        images = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        images = images * self.scheduler.init_noise_sigma
+        step_parameters = inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"eta": eta} if "eta" in step_parameters else {}
+        if "generator" in step_parameters:
+            step_kwargs["generator"] = generator
+
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            # 2. predict the noise model_output (both guidance halves in one call)
+            model_input = torch.cat([images, images]) if do_guidance else images
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            model_output = self.unet(model_input, t, labels).sample
+
+            # 3. perform guidance: move the prediction away from the unconditional one
+            if do_guidance:
+                cond_output, uncond_output = model_output.chunk(2)
+                model_output = uncond_output + guidance_scale * (cond_output - uncond_output)
+
+            # 4. compute the previous noisy sample x_t -> x_t-1
+            images = self.scheduler.step(model_output, t, images, **step_kwargs).prev_sample
+
+            if callback_on_step_end is not None:
+                callback_kwargs = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                images = callback_outputs.pop("images", images)
+
+        # 5. map [-1, 1] to [0, 1] and convert
+        images = (images / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

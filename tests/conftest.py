@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny models, a tiny saved pipeline, and helpers to run the real CLIs in fresh processes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from pipeline import ClassConditionedDDIMPipeline, ClassConditionedUNet
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATASET = str(REPO_ROOT / "data" / "mnist")
+
+# A model small enough to train a few steps in seconds on 2 cores; same block structure as the seed's.
+TINY_UNET_CONFIG = dict(block_out_channels=(16, 16, 16), layers_per_block=1, class_emb_size=2, norm_num_groups=8)
+TINY_TRAIN_FLAGS = [
+    "--block_out_channels",
+    "16",
+    "16",
+    "16",
+    "--layers_per_block",
+    "1",
+    "--class_emb_size",
+    "2",
+    "--norm_num_groups",
+    "8",
+]
+
+
+def cli_env(**extra: str) -> dict:
+    """Environment for CLI subprocesses: no network, no W&B login, quiet progress bars."""
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="offline",
+        TQDM_DISABLE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    args: list[str], cwd: Path | str = REPO_ROOT, timeout: int = 300, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run a command; on an unexpected exit code, fail showing its output."""
+    result = subprocess.run(args, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        pytest.fail(
+            f"{args} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n"
+            f"{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def accelerate_launch(
+    config: str, script_args: list[str], launch_args: list[str] = (), **kwargs
+) -> subprocess.CompletedProcess:
+    # The real `accelerate` command of this environment, as a user would type it.
+    command = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(REPO_ROOT / "accelerate_configs" / config),
+        *launch_args,
+        str(REPO_ROOT / "train_conditional.py"),
+        *script_args,
+    ]
+    return run_cli(command, **kwargs)
+
+
+@pytest.fixture
+def tiny_unet() -> ClassConditionedUNet:
+    torch.manual_seed(0)
+    return ClassConditionedUNet(**TINY_UNET_CONFIG, id2label={i: str(i) for i in range(10)}).eval()
+
+
+@pytest.fixture
+def tiny_pipe(tiny_unet) -> ClassConditionedDDIMPipeline:
+    pipe = ClassConditionedDDIMPipeline(unet=tiny_unet, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory) -> Path:
+    """A tiny pipeline trained for a few steps by the real `accelerate launch` on the real vendored MNIST."""
+    output_dir = tmp_path_factory.mktemp("trained") / "run"
+    accelerate_launch(
+        "cpu.yaml",
+        ["--output_dir", str(output_dir), "--max_train_steps", "4", "--train_batch_size", "8", *TINY_TRAIN_FLAGS],
+    )
+    return output_dir

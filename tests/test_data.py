@@ -1,0 +1,63 @@
+import datasets
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data import load_split
+from tests.conftest import DATASET
+
+
+def test_vendored_mnist_splits():
+    train = load_split(DATASET, "train")
+    test = load_split(DATASET, "test")
+    assert len(train) == 60_000 and len(test) == 10_000
+    assert train.images.shape == (60_000, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert train.labels.dtype == torch.int64
+    assert train.label_names == [str(i) for i in range(10)]
+    # The official class counts of the training split.
+    assert torch.bincount(train.labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert train.images.min() == 0 and train.images.max() == 255
+    assert train.labels[:5].tolist() == [5, 0, 4, 1, 9]  # the first MNIST training digits
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_split(str(tmp_path / "nope"))
+
+
+def test_folder_without_data_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="Could not load dataset"):
+        load_split(str(tmp_path))
+
+
+def test_missing_columns_are_named(tmp_path):
+    datasets.Dataset.from_dict({"img": [Image.new("L", (28, 28))], "target": [1]}).to_parquet(
+        tmp_path / "train.parquet"
+    )
+    with pytest.raises(ValueError, match=r"lacks \['image', 'label'\]"):
+        load_split(str(tmp_path))
+
+
+def test_missing_split_is_named():
+    with pytest.raises(ValueError, match="has no split 'validation'"):
+        load_split(DATASET, "validation")
+
+
+def test_rgb_images_of_another_size_are_converted(tmp_path):
+    images = [Image.new("RGB", (32, 32), color=(255, 255, 255)), Image.new("RGB", (32, 32))]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    datasets.Dataset.from_dict({"image": images, "label": [0, 1]}, features=features).to_parquet(
+        tmp_path / "train.parquet"
+    )
+    data = load_split(str(tmp_path), resolution=28)
+    assert data.images.shape == (2, 1, 28, 28)
+    assert data.images[0].min() == 255 and data.images[1].max() == 0
+    assert data.label_names == ["a", "b"]
+
+
+def test_hub_id_goes_through_load_dataset(monkeypatch):
+    # No network here: the Hub id must reach `datasets.load_dataset` and come back as a clear error.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="Could not load dataset 'ylecun/mnist'"):
+        load_split("ylecun/mnist")

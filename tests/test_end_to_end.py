@@ -1,0 +1,136 @@
+"""The whole product in fresh processes: `accelerate launch` training -> `from_pretrained` -> `sample.py` -> PNG."""
+
+import sys
+
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO_ROOT, TINY_TRAIN_FLAGS, accelerate_launch, run_cli
+
+
+def test_training_writes_a_loadable_pipeline(trained_dir):
+    assert (trained_dir / "model_index.json").exists()
+    assert (trained_dir / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    code = (
+        "import torch\n"
+        "from pipeline import ClassConditionedDDIMPipeline\n"
+        f"pipe = ClassConditionedDDIMPipeline.from_pretrained({str(trained_dir)!r})\n"
+        "images = pipe(class_labels=[3, 7], num_inference_steps=2, output_type='np').images\n"
+        "print(type(pipe.unet).__name__, type(pipe.scheduler).__name__, images.shape, pipe.unet.config.id2label['7'])\n"
+    )
+    result = run_cli([sys.executable, "-c", code])
+    assert result.stdout.split() == ["ClassConditionedUNet", "DDIMScheduler", "(2,", "28,", "28,", "1)", "7"]
+
+
+def test_sample_cli_writes_one_row_per_label(trained_dir, tmp_path):
+    output = tmp_path / "grid.png"
+    run_cli(
+        [
+            sys.executable,
+            "sample.py",
+            "--model",
+            str(trained_dir),
+            "--class_labels",
+            "3",
+            "7",
+            "1",
+            "--num_images_per_label",
+            "4",
+            "--num_inference_steps",
+            "2",
+            "--output",
+            str(output),
+        ]
+    )
+    # make_grid with padding 2: each 28-pixel cell adds 2 pixels, plus 2 at the far edge.
+    assert Image.open(output).size == (4 * 30 + 2, 3 * 30 + 2)
+
+
+def test_sample_cli_is_deterministic(trained_dir, tmp_path):
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    for path in (first, second):
+        run_cli(
+            [
+                sys.executable,
+                "sample.py",
+                "--model",
+                str(trained_dir),
+                "--num_images_per_label",
+                "1",
+                "--num_inference_steps",
+                "2",
+                "--seed",
+                "3",
+                "--output",
+                str(path),
+            ]
+        )
+    assert first.read_bytes() == second.read_bytes()
+    assert Image.open(first).size == (32, 10 * 30 + 2)  # default: all ten classes
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--class_labels", "3", "12"], "Class id 12 is out of range"),
+        (["--class_labels", "seven"], "Unknown label name 'seven'"),
+    ],
+)
+def test_sample_cli_bad_labels(trained_dir, tmp_path, args, message):
+    result = run_cli(
+        [sys.executable, "sample.py", "--model", str(trained_dir), *args, "--output", str(tmp_path / "x.png")],
+        check=False,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sample_cli_rejects_a_folder_that_is_not_a_pipeline(tmp_path):
+    result = run_cli(
+        [sys.executable, "sample.py", "--model", str(tmp_path), "--output", str(tmp_path / "x.png")], check=False
+    )
+    assert result.returncode == 2
+    assert "is not a saved pipeline (no model_index.json)" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "dataset, message",
+    [
+        ("{tmp}/missing", "does not exist"),
+        ("{tmp}/no_label", "lacks ['label']"),
+    ],
+)
+def test_train_cli_bad_dataset(tmp_path, dataset, message):
+    import datasets
+    from PIL import Image as PILImage
+
+    (tmp_path / "no_label").mkdir()
+    datasets.Dataset.from_dict({"image": [PILImage.new("L", (28, 28))]}).to_parquet(
+        tmp_path / "no_label" / "train.parquet"
+    )
+    # `-q` stops accelerate's launcher from adding its own traceback about the failed child process.
+    result = accelerate_launch(
+        "cpu.yaml",
+        ["--dataset", dataset.format(tmp=tmp_path), "--output_dir", str(tmp_path / "out"), *TINY_TRAIN_FLAGS],
+        launch_args=["-q"],
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "error: Dataset " in result.stderr and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "model_index.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--train_batch_size", "0"], "must be a positive integer"),
+        (["--max_train_steps", "-5"], "must be a positive integer"),
+        (["--dataset", "/no/such/folder"], "Dataset folder '/no/such/folder' does not exist"),
+    ],
+)
+def test_train_cli_usage_errors_exit_2(tmp_path, args, message):
+    result = run_cli(
+        [sys.executable, str(REPO_ROOT / "train_conditional.py"), "--output_dir", str(tmp_path / "out"), *args],
+        check=False,
+    )
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,114 @@
+import inspect
+import re
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ImagePipelineOutput
+from PIL import Image
+
+from pipeline import ClassConditionedDDIMPipeline
+from pipeline.pipeline_class_conditioned_ddim import EXAMPLE_DOC_STRING
+
+
+def test_labels_to_pil_images(tiny_pipe):
+    output = tiny_pipe(class_labels=[3, 7], num_images_per_label=2, num_inference_steps=2)
+    assert isinstance(output, ImagePipelineOutput)
+    assert len(output.images) == 4
+    assert all(
+        isinstance(image, Image.Image) and image.size == (28, 28) and image.mode == "L" for image in output.images
+    )
+
+
+@pytest.mark.parametrize(
+    "output_type, expected_type, shape",
+    [
+        ("np", np.ndarray, (2, 28, 28, 1)),
+        ("pt", torch.Tensor, (2, 1, 28, 28)),
+    ],
+)
+def test_array_outputs_are_in_unit_range(tiny_pipe, output_type, expected_type, shape):
+    images = tiny_pipe(class_labels=[0, 9], num_inference_steps=2, output_type=output_type).images
+    assert isinstance(images, expected_type) and tuple(images.shape) == shape
+    assert images.min() >= 0 and images.max() <= 1
+
+
+def test_same_seed_same_images_and_return_dict_false(tiny_pipe):
+    first = tiny_pipe([1, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt")
+    (second,) = tiny_pipe(
+        [1, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt", return_dict=False
+    )
+    other = tiny_pipe([1, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="pt")
+    assert torch.equal(first.images, second)
+    assert not torch.allclose(first.images, other.images)
+
+
+def test_label_forms_agree(tiny_pipe):
+    def images(labels):
+        return tiny_pipe(
+            labels, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt"
+        ).images
+
+    reference = images([7])
+    for same in (7, "7", ["7"], torch.tensor([7])):
+        torch.testing.assert_close(images(same), reference)
+
+
+def test_get_label_ids_treats_a_string_as_one_name(tiny_pipe):
+    assert tiny_pipe.get_label_ids("7") == [7]
+    assert tiny_pipe.get_label_ids(["3", 5]) == [3, 5]
+    assert tiny_pipe.labels == {str(i): i for i in range(10)}
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"class_labels": [10]}, ValueError, "ids 0 to 9"),
+        ({"class_labels": [-1]}, ValueError, "ids 0 to 9"),
+        ({"class_labels": []}, ValueError, "class_labels is empty"),
+        ({"class_labels": ["seven"]}, ValueError, r"valid names are \['0', '1'"),
+        ({"class_labels": [1.5]}, TypeError, "int id or a str name"),
+        ({"class_labels": [1], "num_inference_steps": 0}, ValueError, "num_inference_steps must be at least 1"),
+        ({"class_labels": [1], "num_images_per_label": 0}, ValueError, "num_images_per_label must be at least 1"),
+        ({"class_labels": [1], "output_type": "jpg"}, ValueError, r"choose one of \['pil', 'np', 'pt'\]"),
+        ({"class_labels": [1, 2], "generator": [torch.Generator()]}, ValueError, "1 generators for 2 images"),
+    ],
+)
+def test_bad_input_names_the_fix(tiny_pipe, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        tiny_pipe(**{"num_inference_steps": 1, **kwargs})
+
+
+def test_documented_defaults_match_the_signature():
+    doc = ClassConditionedDDIMPipeline.__call__.__doc__
+    parameters = inspect.signature(ClassConditionedDDIMPipeline.__call__).parameters
+    entries = dict(re.findall(r"^ {12}(\w+) \((.*)\):$", doc, flags=re.M))  # Args: name -> "(`type`, ...)"
+    assert set(entries) == set(parameters) - {"self"}
+    for name, entry in entries.items():
+        default = parameters[name].default
+        documented = re.search(r"defaults to `?(.+?)`?$", entry)
+        if documented:
+            assert documented[1] == repr(default).replace("'", '"'), name
+        elif "*optional*" in entry:
+            assert default is None, name
+        else:
+            assert default is inspect.Parameter.empty, name
+
+
+def test_docstring_example_runs(tmp_path, tiny_pipe, monkeypatch):
+    tiny_pipe.save_pretrained(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    code_lines = [line.strip()[4:] for line in EXAMPLE_DOC_STRING.splitlines() if line.strip().startswith(">>> ")]
+    code = "\n".join(code_lines).replace('"output/mnist-quick"', repr(str(tmp_path / "model")))
+    namespace: dict = {}
+    exec(code, namespace)  # noqa: S102 (running our own docstring is the point)
+    assert len(namespace["images"]) == 4 and namespace["images"][0].size == (28, 28)
+    assert (tmp_path / "three.png").exists()
+    assert "(4, (28, 28))" in EXAMPLE_DOC_STRING
+
+
+def test_guidance_runs_one_batched_unet_call_per_step(tiny_pipe):
+    calls = []
+    tiny_pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    tiny_pipe([1, 2, 3], num_inference_steps=4, guidance_scale=3.0)
+    assert calls == [6] * 4

@@ -1,0 +1,216 @@
+"""Train a class-conditioned diffusion model on MNIST and save it as a `ClassConditionedDDIMPipeline`.
+
+The same unchanged script runs on a CPU, one GPU, several GPUs or several machines; `accelerate launch` decides:
+
+    # CPU, one process (a few minutes with a small model)
+    accelerate launch --config_file accelerate_configs/cpu.yaml train_conditional.py \\
+        --output_dir output/mnist --max_train_steps 300 --train_batch_size 64
+
+    # the seed's recipe on one GPU: batch 512, Adam 1e-3, 10 epochs
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml train_conditional.py --output_dir output/seed
+
+    # any Hub dataset in the `ylecun/mnist` layout goes through the very same code
+    accelerate launch train_conditional.py --dataset ylecun/mnist --output_dir output/hub
+
+Then sample: `python sample.py --model output/mnist --output grid.png`.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_DATASET = str(Path(__file__).resolve().parent / "data" / "mnist")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset",
+        default=DEFAULT_DATASET,
+        help="Hub dataset id (e.g. ylecun/mnist) or a local folder in that layout, with `image` and "
+        "`label` columns. Default: the copy of MNIST in this repository's data/mnist.",
+    )
+    data.add_argument(
+        "--resolution",
+        type=positive_int,
+        default=28,
+        help="Image size; images of another size are resized with a notice.",
+    )
+
+    model = parser.add_argument_group("model (feeds ClassConditionedUNet's config)")
+    model.add_argument(
+        "--model_config",
+        default=None,
+        help="A ClassConditionedUNet config.json to build the model from; overrides the flags below.",
+    )
+    model.add_argument(
+        "--block_out_channels",
+        type=positive_int,
+        nargs="+",
+        default=[32, 64, 64],
+        help="Width of each UNet level (the seed uses 32 64 64).",
+    )
+    model.add_argument("--layers_per_block", type=positive_int, default=2, help="ResNet layers per UNet block.")
+    model.add_argument(
+        "--class_emb_size",
+        type=positive_int,
+        default=4,
+        help="Length of the class embedding, i.e. extra input channels carrying the class.",
+    )
+    model.add_argument(
+        "--norm_num_groups",
+        type=positive_int,
+        default=32,
+        help="GroupNorm groups; every --block_out_channels entry must be divisible by it.",
+    )
+
+    diffusion = parser.add_argument_group("diffusion")
+    diffusion.add_argument(
+        "--num_train_timesteps",
+        type=positive_int,
+        default=1000,
+        help="Length of the noise schedule; training timesteps are uniform over it.",
+    )
+    diffusion.add_argument(
+        "--beta_schedule",
+        default="linear",
+        choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
+        help="Noise schedule of the DDIMScheduler (the seed uses its default, linear).",
+    )
+    diffusion.add_argument(
+        "--class_dropout_prob",
+        type=probability,
+        default=0.0,
+        help="Probability of replacing a label by the 'no class' id, so that classifier-free "
+        "guidance (guidance_scale > 1 when sampling) works; 0.1 is typical.",
+    )
+
+    training = parser.add_argument_group("training")
+    training.add_argument(
+        "--output_dir",
+        default="output",
+        help="Where the final pipeline (save_pretrained) and checkpoints/ are written.",
+    )
+    training.add_argument(
+        "--train_batch_size",
+        type=positive_int,
+        default=512,
+        help="Images per process per micro-step. The global batch is this x processes x --gradient_accumulation_steps.",
+    )
+    training.add_argument("--num_epochs", type=positive_int, default=10, help="Passes over the training set.")
+    training.add_argument(
+        "--max_train_steps", type=positive_int, default=None, help="Optimizer steps to run; overrides --num_epochs."
+    )
+    training.add_argument("--learning_rate", type=float, default=1e-3, help="Adam learning rate (the seed's 1e-3).")
+    training.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        choices=["constant", "constant_with_warmup", "linear", "cosine"],
+        help="Learning-rate schedule over optimizer steps.",
+    )
+    training.add_argument(
+        "--lr_warmup_steps",
+        type=non_negative_int,
+        default=0,
+        help="Optimizer steps of linear LR warmup (for the *_with_warmup, linear and cosine schedules).",
+    )
+    training.add_argument(
+        "--gradient_accumulation_steps", type=positive_int, default=1, help="Micro-steps per optimizer step."
+    )
+    training.add_argument(
+        "--max_grad_norm", type=float, default=None, help="Clip gradients to this norm (off by default)."
+    )
+    training.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="Fixes the initial weights, the data order and every step's noise.",
+    )
+    training.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Autocast precision; default: what `accelerate launch` / its config says. fp16 needs a CUDA GPU.",
+    )
+
+    checkpoints = parser.add_argument_group("checkpoints")
+    checkpoints.add_argument(
+        "--checkpointing_steps",
+        type=positive_int,
+        default=None,
+        help="Save a resumable checkpoint every N optimizer steps in OUTPUT_DIR/checkpoints/.",
+    )
+    checkpoints.add_argument(
+        "--checkpoints_total_limit", type=positive_int, default=None, help="Keep only the newest N checkpoints."
+    )
+    checkpoints.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="'latest' (the newest checkpoint in OUTPUT_DIR, or a fresh start if none) or a checkpoint folder path.",
+    )
+
+    logging = parser.add_argument_group("logging")
+    logging.add_argument(
+        "--report_to",
+        default="none",
+        choices=["none", "wandb", "tensorboard", "all"],
+        help="Experiment tracker(s) to log to through accelerate.",
+    )
+    logging.add_argument(
+        "--tracker_project_name", default="class-conditioned-mnist", help="Project name in the tracker."
+    )
+    logging.add_argument(
+        "--logging_steps", type=positive_int, default=10, help="Log loss and learning rate every N optimizer steps."
+    )
+
+    args = parser.parse_args(argv)
+    if args.model_config:
+        try:
+            with open(args.model_config) as file:
+                json.load(file)
+        except (OSError, ValueError) as error:
+            parser.error(f"--model_config {args.model_config!r} is not a readable JSON config: {error}")
+    if any(channels % args.norm_num_groups for channels in args.block_out_channels):
+        parser.error(
+            f"every --block_out_channels entry {args.block_out_channels} must be divisible by "
+            f"--norm_num_groups {args.norm_num_groups}"
+        )
+    return args
+
+
+def main(args: argparse.Namespace) -> None:
+    from pipeline.training import train  # imported here so that --help answers at once
+
+    try:
+        train(args)
+    except ValueError as error:  # bad input found after parsing (dataset, config): one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(parse_args())
