@@ -55,6 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "`label` columns. Default: the copy of MNIST in this repository's data/mnist.",
     )
     data.add_argument(
+        "--max_train_samples",
+        type=positive_int,
+        default=None,
+        help="Train on the first N images only (quick experiments and tests).",
+    )
+    data.add_argument(
         "--resolution",
         type=positive_int,
         default=28,
@@ -156,6 +162,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["no", "fp16", "bf16"],
         help="Autocast precision; default: what `accelerate launch` / its config says. fp16 needs a CUDA GPU.",
     )
+
+    ema = parser.add_argument_group("EMA (diffusers' EMAModel; the saved pipeline then holds the EMA weights)")
+    ema.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the weights.")
+    ema.add_argument("--ema_max_decay", type=float, default=0.9999, help="Decay the EMA warms up to.")
+    ema.add_argument(
+        "--ema_inv_gamma", type=float, default=1.0, help="EMA warmup: decay = 1 - (1 + step / inv_gamma) ** -power."
+    )
+    ema.add_argument("--ema_power", type=float, default=3 / 4, help="EMA warmup power (2/3 suits short runs).")
 
     checkpoints = parser.add_argument_group("checkpoints")
     checkpoints.add_argument(

@@ -1,10 +1,12 @@
 """Resume checkpoints: `output_dir/checkpoints/checkpoint-{step}`, written atomically and pruned to a limit.
 
-A checkpoint is what `accelerator.save_state` writes (model, optimizer, LR scheduler, RNG states). It is written to
-`checkpoint-{step}.tmp` and renamed when complete, so a crash while saving never leaves a half checkpoint that
-`--resume_from_checkpoint latest` would pick.
+A checkpoint is what `accelerator.save_state` writes (model, optimizer, and every object registered for
+checkpointing: LR scheduler, EMA) plus `training_state.json`, which records the step and what the data position
+means (seed, global batch size). It is written to `checkpoint-{step}.tmp` and renamed when complete, so a crash
+while saving never leaves a half checkpoint that `--resume_from_checkpoint latest` would pick.
 """
 
+import json
 import os
 import re
 import shutil
@@ -15,6 +17,7 @@ from accelerate.logging import get_logger
 logger = get_logger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "training_state.json"
 
 
 def checkpoints_dir(output_dir: str) -> str:
@@ -44,8 +47,13 @@ def find_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | None:
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
-    """Save the full training state for `step`; every process must call this (each writes its RNG state)."""
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str, step: int, total_limit: int | None, run_state: dict
+) -> str:
+    """Save the full training state for `step`; every process must call this (each writes its RNG state).
+
+    `run_state` (seed, global batch size, ...) is stored beside it and checked on resume by `load_checkpoint`.
+    """
     final_path = os.path.join(checkpoints_dir(output_dir), f"checkpoint-{step}")
     temporary_path = final_path + ".tmp"
     if accelerator.is_main_process and os.path.exists(temporary_path):
@@ -54,6 +62,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_
     accelerator.save_state(temporary_path)
     accelerator.wait_for_everyone()  # every rank has written its part before the rename makes it visible
     if accelerator.is_main_process:
+        with open(os.path.join(temporary_path, STATE_FILE), "w") as file:
+            json.dump({"global_step": step, **run_state}, file, indent=2)
         if os.path.exists(final_path):
             shutil.rmtree(final_path)
         os.replace(temporary_path, final_path)
@@ -65,3 +75,24 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_
                 logger.info(f"Removed old checkpoint {old_path} (--checkpoints_total_limit {total_limit})")
     accelerator.wait_for_everyone()
     return final_path
+
+
+def load_checkpoint(accelerator: Accelerator, path: str, run_state: dict) -> int:
+    """Restore a checkpoint written by `save_checkpoint` and return its global step.
+
+    The data order and every step's noise are functions of the seed and of the global batch, so a checkpoint only
+    continues exactly under the same values; anything else stops with the flags that would match.
+    """
+    with open(os.path.join(path, STATE_FILE)) as file:
+        saved_state = json.load(file)
+    mismatches = {
+        key: (saved_state.get(key), value) for key, value in run_state.items() if saved_state.get(key) != value
+    }
+    if mismatches:
+        details = ", ".join(f"{key} was {saved} and is now {now}" for key, (saved, now) in mismatches.items())
+        raise ValueError(
+            f"Cannot resume exactly from {path}: {details}. Resume with the same --seed and the same global batch "
+            "(--train_batch_size x processes x --gradient_accumulation_steps), or start a new --output_dir."
+        )
+    accelerator.load_state(path)
+    return saved_state["global_step"]

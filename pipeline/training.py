@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,10 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDIMScheduler
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .checkpointing import find_checkpoint, save_checkpoint
+from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
 from .data import load_split
 from .modeling_class_conditioned_unet import ClassConditionedUNet
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
@@ -43,7 +45,9 @@ def build_model(args: argparse.Namespace, label_names: list[str]) -> ClassCondit
         }
     # The dataset decides the classes; the names travel with the model so pipelines accept them.
     config.update(
-        num_classes=len(label_names), id2label=dict(enumerate(label_names)), class_dropout_prob=args.class_dropout_prob
+        num_classes=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        class_dropout_prob=args.class_dropout_prob,
     )
     return ClassConditionedUNet.from_config(config)
 
@@ -58,7 +62,24 @@ def epoch_permutation(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 2**32 + epoch))
 
 
+def build_pipeline(
+    accelerator: Accelerator, model: torch.nn.Module, ema_model: EMAModel | None, noise_scheduler: DDIMScheduler
+) -> ClassConditionedDDIMPipeline:
+    """A pipeline around a float32 copy of the trained weights (EMA weights when EMA is on). Call on every process.
+
+    `get_state_dict` gathers sharded weights under FSDP/DeepSpeed (a collective, hence every process) and strips the
+    DDP wrapper; the copy leaves the model being trained untouched.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    unet = ClassConditionedUNet.from_config(accelerator.unwrap_model(model).config)
+    unet.load_state_dict(state_dict)
+    if ema_model is not None:
+        ema_model.copy_to(unet.parameters())
+    return ClassConditionedDDIMPipeline(unet=unet.float().eval(), scheduler=noise_scheduler)
+
+
 def train(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
     # 1. accelerator: processes, device and precision come from `accelerate launch` / its config file
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -67,25 +88,36 @@ def train(args: argparse.Namespace) -> None:
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
         ),
+        # Without a GPU, accelerate only sets up gloo data parallelism when told to use the CPU: otherwise
+        # `--multi_gpu --num_processes 2` silently starts two unconnected single-process runs.
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
     )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched_processes:
+        raise ValueError(
+            f"The launcher started {launched_processes} processes but accelerate sees {accelerator.num_processes}: "
+            "they would train independently. Launch with a config whose distributed_type is MULTI_GPU (with "
+            "use_cpu: true on CPU machines), e.g. accelerate_configs/multi_cpu.yaml."
+        )
     if args.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         # accelerate would silently run fp32 here while reporting fp16; say so instead.
         raise ValueError(
             "--mixed_precision fp16 needs a CUDA GPU (it relies on a gradient scaler); on this "
             f"{accelerator.device.type} device use --mixed_precision bf16 or no."
         )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
     # 2. data: decoded once into a uint8 tensor that lives on the training device
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others reuse it
         train_data = load_split(args.dataset, "train", args.resolution)
-    images = train_data.images.to(accelerator.device)
-    class_labels_all = train_data.labels.to(accelerator.device)
+    num_samples = min(len(train_data), args.max_train_samples or len(train_data))
+    images = train_data.images[:num_samples].to(accelerator.device)
+    class_labels_all = train_data.labels[:num_samples].to(accelerator.device)
 
-    # 3. model (built after set_seed so the seed also fixes the initial weights), noise scheduler, optimizer
+    # 3. model (built after set_seed so the seed also fixes the initial weights), EMA, noise scheduler, optimizer
     set_seed(args.seed)
     model = build_model(args, train_data.label_names)
     if int(train_data.labels.max()) >= model.config.num_classes:
@@ -94,18 +126,30 @@ def train(args: argparse.Namespace) -> None:
             f"num_classes={model.config.num_classes}; fix --model_config or the dataset."
         )
     null_class_id = model.null_class_id
+    ema_model = None
+    if args.use_ema:
+        ema_model = EMAModel(
+            model.parameters(),
+            decay=args.ema_max_decay,
+            use_ema_warmup=True,
+            inv_gamma=args.ema_inv_gamma,
+            power=args.ema_power,
+            model_cls=ClassConditionedUNet,
+            model_config=model.config,
+        )
+        ema_model.to(accelerator.device)
     noise_scheduler = DDIMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
 
     # 4. the step arithmetic: one optimizer step always consumes one global batch
     local_batch_size = args.train_batch_size
     global_batch_size = local_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    steps_per_epoch = len(train_data) // global_batch_size  # the incomplete last batch is dropped
+    steps_per_epoch = num_samples // global_batch_size  # the incomplete last batch is dropped
     if steps_per_epoch == 0:
         raise ValueError(
             f"The global batch ({global_batch_size} = {local_batch_size} per process x "
             f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation "
-            f"steps) is larger than the dataset ({len(train_data)} images); lower --train_batch_size."
+            f"steps) is larger than the dataset ({num_samples} images); lower --train_batch_size."
         )
     max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
@@ -117,19 +161,23 @@ def train(args: argparse.Namespace) -> None:
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
+    if ema_model is not None:
+        accelerator.register_for_checkpointing(ema_model)
+    # What a checkpoint's data position and noise mean; resuming under other values would not continue the run.
+    run_state = {"seed": args.seed, "global_batch_size": global_batch_size, "max_train_samples": num_samples}
 
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
 
     logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {len(train_data)}")
+    logger.info(f"  Num examples = {num_samples}")
     logger.info(f"  Num epochs = {num_epochs}")
     logger.info(f"  Batch size per device = {local_batch_size}")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {global_batch_size}")
     logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
     logger.info(f"  Total optimization steps = {max_train_steps}")
 
-    # 5. resume: the step counter comes from the checkpoint's name; the data position and noise follow from it
+    # 5. resume: the data position and the noise follow from the global step alone
     global_step = 0
     if args.resume_from_checkpoint:
         checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
@@ -137,8 +185,8 @@ def train(args: argparse.Namespace) -> None:
             logger.info(f"No checkpoint found in {args.output_dir}; starting a new run.")
         else:
             logger.info(f"Resuming from {checkpoint}")
-            accelerator.load_state(checkpoint)
-            global_step = int(checkpoint.rsplit("-", 1)[1])
+            global_step = load_checkpoint(accelerator, checkpoint, run_state)
+    first_step = global_step
 
     # Train!
     progress_bar = tqdm(
@@ -146,30 +194,25 @@ def train(args: argparse.Namespace) -> None:
     )
     model.train()
     permutation_epoch, permutation = None, None
-    running_loss = torch.zeros((), device=accelerator.device)
+    running_loss, steps_since_log, mean_loss = torch.zeros((), device=accelerator.device), 0, float("nan")
+    loop_started = time.perf_counter()
     while global_step < max_train_steps:
         epoch, batch_in_epoch = divmod(global_step, steps_per_epoch)
         if epoch != permutation_epoch:
-            permutation_epoch, permutation = (
-                epoch,
-                epoch_permutation(args.seed, epoch, len(train_data)).to(accelerator.device),
-            )
+            permutation_epoch = epoch
+            permutation = epoch_permutation(args.seed, epoch, num_samples).to(accelerator.device)
         global_indices = permutation[batch_in_epoch * global_batch_size : (batch_in_epoch + 1) * global_batch_size]
 
         # Noise, timesteps and class dropout for the whole global batch; each process slices its own part.
         generator = global_step_generator(args.seed, global_step, accelerator.device)
-        shape = (global_batch_size, *images.shape[1:])
-        global_noise = torch.randn(shape, generator=generator, device=accelerator.device)
+        global_noise = torch.randn(
+            (global_batch_size, *images.shape[1:]), generator=generator, device=accelerator.device
+        )
         global_timesteps = torch.randint(
-            0,
-            noise_scheduler.config.num_train_timesteps,
-            (global_batch_size,),
-            generator=generator,
-            device=accelerator.device,
+            0, args.num_train_timesteps, (global_batch_size,), generator=generator, device=accelerator.device
         )
-        global_drop = (
-            torch.rand(global_batch_size, generator=generator, device=accelerator.device) < args.class_dropout_prob
-        )
+        global_dropped = torch.rand(global_batch_size, generator=generator, device=accelerator.device)
+        global_dropped = global_dropped < args.class_dropout_prob
 
         for micro_step in range(args.gradient_accumulation_steps):
             # Chunk order (micro step, then process) matches how accelerate shards a dataloader's batches.
@@ -178,7 +221,7 @@ def train(args: argparse.Namespace) -> None:
             indices = global_indices[local]
             with accelerator.accumulate(model):
                 clean_images = images[indices].float() / 127.5 - 1  # uint8 0..255 -> [-1, 1], as in the seed
-                class_labels = torch.where(global_drop[local], null_class_id, class_labels_all[indices])
+                class_labels = torch.where(global_dropped[local], null_class_id, class_labels_all[indices])
                 noise = global_noise[local]
                 timesteps = global_timesteps[local]
                 # forward diffusion process: add noise to the clean images according to each timestep
@@ -196,32 +239,54 @@ def train(args: argparse.Namespace) -> None:
 
         # One optimizer step is done (accelerate synced the gradients on the last micro step).
         lr_scheduler.step()
+        if ema_model is not None:
+            ema_model.step(model.parameters())
         global_step += 1
+        steps_since_log += 1
         progress_bar.update(1)
 
         if global_step % args.logging_steps == 0 or global_step == max_train_steps:
-            # .item() syncs with the device, so it happens every logging_steps, not every step.
-            mean_loss = accelerator.reduce(running_loss, reduction="mean").item() / args.logging_steps
+            # .item() waits for the device, so it happens every logging_steps, not every step.
+            mean_loss = accelerator.reduce(running_loss, reduction="mean").item() / steps_since_log
             running_loss.zero_()
+            steps_since_log = 0
             if not math.isfinite(mean_loss):
                 raise RuntimeError(
-                    f"Loss became {mean_loss} at step {global_step}; stopping instead of training on "
-                    "garbage. Lower --learning_rate or set --max_grad_norm."
+                    f"Loss became {mean_loss} at step {global_step}; stopping instead of training on garbage. "
+                    "Lower --learning_rate or set --max_grad_norm."
                 )
             logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
+            if ema_model is not None:
+                logs["ema_decay"] = ema_model.cur_decay_value
             progress_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
 
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run_state)
 
     # 6. the final pipeline: exactly what `ClassConditionedDDIMPipeline.from_pretrained(output_dir)` loads
+    loop_time = time.perf_counter() - loop_started
     progress_bar.close()
     accelerator.wait_for_everyone()
+    pipeline = build_pipeline(accelerator, model, ema_model, noise_scheduler)
     if accelerator.is_main_process:
-        pipeline = ClassConditionedDDIMPipeline(unet=accelerator.unwrap_model(model), scheduler=noise_scheduler)
         pipeline.save_pretrained(args.output_dir)
         logger.info(f"Saved the pipeline to {args.output_dir}")
+        summary = {
+            "global_step": global_step,
+            "steps_this_run": global_step - first_step,
+            "final_loss": mean_loss,
+            "global_batch_size": global_batch_size,
+            "num_processes": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type.value),
+            "mixed_precision": accelerator.mixed_precision,
+            "device": accelerator.device.type,
+            "wall_time_s": round(time.perf_counter() - started, 2),
+            "train_loop_s": round(loop_time, 2),
+            "images_per_s": round((global_step - first_step) * global_batch_size / loop_time, 2),
+        }
+        with open(os.path.join(args.output_dir, "training_summary.json"), "w") as file:
+            json.dump(summary, file, indent=2)
     accelerator.end_training()
 
 

@@ -57,20 +57,22 @@ def run_cli(
     return result
 
 
-def accelerate_launch(
-    config: str, script_args: list[str], launch_args: list[str] = (), **kwargs
-) -> subprocess.CompletedProcess:
-    # The real `accelerate` command of this environment, as a user would type it.
-    command = [
+def accelerate_command(config: str, launch_args: list[str] = ()) -> list[str]:
+    """The real `accelerate launch` of this environment, as a user would type it, up to the script's arguments."""
+    return [
         str(Path(sys.executable).parent / "accelerate"),
         "launch",
         "--config_file",
         str(REPO_ROOT / "accelerate_configs" / config),
         *launch_args,
         str(REPO_ROOT / "train_conditional.py"),
-        *script_args,
     ]
-    return run_cli(command, **kwargs)
+
+
+def accelerate_launch(
+    config: str, script_args: list[str], launch_args: list[str] = (), **kwargs
+) -> subprocess.CompletedProcess:
+    return run_cli([*accelerate_command(config, launch_args), *script_args], **kwargs)
 
 
 @pytest.fixture
