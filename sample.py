@@ -1,30 +1,60 @@
-"""Sample digits from a trained `ClassConditionedDDIMPipeline` into a PNG grid, one row per requested label.
+"""Sample digits from a trained `ClassConditionedDDIMPipeline` into a PNG grid, one labelled row per requested class.
 
-python sample.py --model output/mnist --output grid.png                        # 0..9, one image each
-python sample.py --model output/mnist --class_labels 3 7 --num_images_per_label 8 --seed 1 --output 37.png
+    python sample.py --model output/mnist-quick --output grid.png                    # every class, 8 images each
+    python sample.py --model output/mnist-quick --class_labels 3 7 --num_images_per_label 16 --seed 1 --output 37.png
+    python sample.py --model output/mnist-quick --scheduler dpm++ --num_inference_steps 10 --guidance_scale 2
+    python sample.py --model output/mnist-quick --class_labels 2 0 2 6 --output_dir digits/   # one PNG per image
+
+The folder is loaded with this package's code. Its own copy of the code (saved pipelines carry one, for users
+without this package) is never run unless you pass --trust_remote_code.
 """
 
 import argparse
 import os
 import sys
 
+from pipeline.schedulers import SCHEDULERS
+
+DTYPES = ["float32", "float16", "bfloat16"]
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--model", required=True, help="A folder written by train_conditional.py, or a Hub model id.")
     parser.add_argument(
         "--class_labels",
         nargs="+",
         default=None,
-        help="Class ids or label names to draw, one grid row each (default: every class).",
+        help="Class ids (3) or label names ('3', or e.g. 'T-shirt' for other datasets) to draw, one grid row each "
+        "(default: every class).",
     )
     parser.add_argument("--num_images_per_label", type=int, default=8, help="Images per label (grid columns).")
     parser.add_argument(
         "--num_inference_steps", type=int, default=50, help="Denoising steps: more is cleaner and linearly slower."
     )
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="Classifier-free guidance scale (1 = off); needs a model trained with --class_dropout_prob.",
+    )
+    parser.add_argument(
+        "--scheduler", choices=sorted(SCHEDULERS), default=None, help="Sampler (default: the one saved with the model)."
+    )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic, 1 is DDPM-like.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the starting noise; same seed, same grid.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the starting noise; same seed, same images.")
     parser.add_argument("--output", default="grid.png", help="Where to write the PNG grid.")
+    parser.add_argument("--output_dir", default=None, help="Also write every image as its own PNG in this folder.")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: cuda when available).")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="Precision to sample in.")
+    parser.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="Load with the code saved in the model folder (diffusers' DiffusionPipeline), e.g. where this package's "
+        "version differs. Off by default: only pass it for folders you trust.",
+    )
     args = parser.parse_args(argv)
     if args.num_images_per_label < 1:
         parser.error(f"--num_images_per_label must be at least 1, got {args.num_images_per_label}")
@@ -40,34 +70,41 @@ def class_label(text: str) -> int | str:
 
 def main(args: argparse.Namespace) -> None:
     import torch
-    from torchvision.utils import make_grid, save_image
 
-    from pipeline import ClassConditionedDDIMPipeline
+    from pipeline.grid import labelled_grid
+    from pipeline.loading import load_pipeline
+    from pipeline.schedulers import set_scheduler
 
-    if os.path.isdir(args.model) and not os.path.isfile(os.path.join(args.model, "model_index.json")):
-        raise ValueError(
-            f"{args.model!r} is not a saved pipeline (no model_index.json); pass the --output_dir of "
-            "a finished train_conditional.py run."
-        )
-    pipe = ClassConditionedDDIMPipeline.from_pretrained(args.model)
-    class_labels = (
-        [class_label(text) for text in args.class_labels]
-        if args.class_labels
-        else list(range(pipe.unet.config.num_classes))
-    )
+    pipe = load_pipeline(args.model, args.trust_remote_code, device=args.device, dtype=getattr(torch, args.dtype))
+    if args.scheduler:
+        set_scheduler(pipe, args.scheduler)
+
+    class_labels = [class_label(text) for text in args.class_labels] if args.class_labels else list(
+        range(pipe.unet.config.num_classes)
+    )  # fmt: skip
     images = pipe(
         class_labels=class_labels,
         num_images_per_label=args.num_images_per_label,
         num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
         eta=args.eta,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="pt",
     ).images
-    # One row per label: the pipeline returns all images of a label together.
-    grid = make_grid(images, nrow=args.num_images_per_label, padding=2, pad_value=1.0)
+    # Row names as the model calls its classes: `get_label_ids` maps ids and names to ids, id2label back to names.
+    id_to_name = {class_id: name for name, class_id in pipe.labels.items()}
+    row_names = [id_to_name[class_id] for class_id in pipe.get_label_ids(class_labels)]
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    save_image(grid, args.output)
+    labelled_grid(images, row_names, columns=args.num_images_per_label).save(args.output)
     print(f"Wrote {len(class_labels)} x {args.num_images_per_label} images to {args.output}")
+    if args.output_dir:
+        from torchvision.utils import save_image
+
+        os.makedirs(args.output_dir, exist_ok=True)
+        for index, image in enumerate(images):
+            name = row_names[index // args.num_images_per_label].replace("/", "_")
+            save_image(image.float(), os.path.join(args.output_dir, f"{index:04d}_{name}.png"))
+        print(f"Wrote {len(images)} PNG files to {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Length of the class embedding, i.e. extra input channels carrying the class.",
     )
     model.add_argument(
+        "--down_block_types",
+        nargs="+",
+        default=["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+        help="diffusers down blocks, one per --block_out_channels entry; Attn* ones add self-attention there.",
+    )
+    model.add_argument(
+        "--up_block_types",
+        nargs="+",
+        default=["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+        help="diffusers up blocks, mirroring --down_block_types.",
+    )
+    model.add_argument(
+        "--time_class_embedding",
+        action="store_true",
+        help="Also add a class embedding to the timestep embedding, so every ResNet block sees the class.",
+    )
+    model.add_argument(
         "--norm_num_groups",
         type=positive_int,
         default=32,
@@ -120,6 +137,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--output_dir",
         default="output",
         help="Where the final pipeline (save_pretrained) and checkpoints/ are written.",
+    )
+    training.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace the pipeline and checkpoints an earlier run left in --output_dir (refused otherwise).",
     )
     training.add_argument(
         "--train_batch_size",
@@ -163,6 +185,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Autocast precision; default: what `accelerate launch` / its config says. fp16 needs a CUDA GPU.",
     )
 
+    hub = parser.add_argument_group("sharing")
+    hub.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="Upload the saved pipeline folder to the Hugging Face Hub at the end.",
+    )
+    hub.add_argument(
+        "--hub_model_id",
+        default=None,
+        help="Hub repository, e.g. you/mnist-diffusion (default: the --output_dir folder name).",
+    )
+    hub.add_argument("--hub_token", default=None, help="Hub token (default: the one `hf auth login` stored).")
+
     ema = parser.add_argument_group("EMA (diffusers' EMAModel; the saved pipeline then holds the EMA weights)")
     ema.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the weights.")
     ema.add_argument("--ema_max_decay", type=float, default=0.9999, help="Decay the EMA warms up to.")
@@ -187,18 +222,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="'latest' (the newest checkpoint in OUTPUT_DIR, or a fresh start if none) or a checkpoint folder path.",
     )
 
-    logging = parser.add_argument_group("logging")
+    logging = parser.add_argument_group("logging and validation")
     logging.add_argument(
         "--report_to",
         default="none",
         choices=["none", "wandb", "tensorboard", "all"],
-        help="Experiment tracker(s) to log to through accelerate.",
+        help="Experiment tracker(s), through accelerate. Without a W&B login, W&B logs offline (see README).",
+    )
+    logging.add_argument("--tracker_project_name", default="class-conditioned-mnist", help="Project in the tracker.")
+    logging.add_argument("--run_name", default=None, help="Name of the run in the tracker (W&B's run name).")
+    logging.add_argument(
+        "--logging_steps", type=positive_int, default=10, help="Log loss, LR, grad norm and images/s every N steps."
     )
     logging.add_argument(
-        "--tracker_project_name", default="class-conditioned-mnist", help="Project name in the tracker."
+        "--validation_steps",
+        type=positive_int,
+        default=None,
+        help="Every N steps log a sample grid and quick metrics (always done once at the end).",
     )
     logging.add_argument(
-        "--logging_steps", type=positive_int, default=10, help="Log loss and learning rate every N optimizer steps."
+        "--validation_grid_columns", type=positive_int, default=8, help="Samples per class in the validation grid."
+    )
+    logging.add_argument(
+        "--validation_images_per_label",
+        type=non_negative_int,
+        default=10,
+        help="Images per class for the validation metrics (conditional accuracy, classifier FID); 0 turns the "
+        "metrics off. The first run trains the evaluation classifier once (~3 minutes on 2 CPU cores), then "
+        "reuses it from the cache.",
+    )
+    logging.add_argument(
+        "--validation_num_inference_steps", type=positive_int, default=50, help="Sampling steps for validation."
+    )
+    logging.add_argument(
+        "--validation_guidance_scale", type=float, default=1.0, help="Guidance scale for validation samples."
+    )
+    logging.add_argument(
+        "--classifier_cache_dir", default=None, help="Where the evaluation classifier is cached (default ~/.cache)."
+    )
+    logging.add_argument(
+        "--classifier_train_samples",
+        type=positive_int,
+        default=None,
+        help="Train the evaluation classifier on the first N images only (tests); default: the whole split.",
     )
 
     args = parser.parse_args(argv)
@@ -208,6 +274,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 json.load(file)
         except (OSError, ValueError) as error:
             parser.error(f"--model_config {args.model_config!r} is not a readable JSON config: {error}")
+    if args.validation_images_per_label == 1:
+        parser.error("--validation_images_per_label must be 0 (no metrics) or at least 2 (FID needs a covariance)")
+    if not len(args.block_out_channels) == len(args.down_block_types) == len(args.up_block_types):
+        parser.error(
+            f"--block_out_channels ({len(args.block_out_channels)} entries), --down_block_types "
+            f"({len(args.down_block_types)}) and --up_block_types ({len(args.up_block_types)}) must have one entry "
+            "per UNet level each"
+        )
     if any(channels % args.norm_num_groups for channels in args.block_out_channels):
         parser.error(
             f"every --block_out_channels entry {args.block_out_channels} must be divisible by "
@@ -217,13 +291,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    from pipeline.training import train  # imported here so that --help answers at once
+    from pipeline.training import TrainingError, train  # imported here so that --help answers at once
 
     try:
         train(args)
     except ValueError as error:  # bad input found after parsing (dataset, config): one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingError as error:  # the run could not go on; the message says what was saved and what to do
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import shutil
 
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from diffusers import DiffusionPipeline
 
 logger = get_logger(__name__)
 
@@ -36,6 +37,7 @@ def list_checkpoints(output_dir: str) -> list[str]:
 def find_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | None:
     """The checkpoint `--resume_from_checkpoint` names: `latest` (None when there is none yet) or a path."""
     if resume_from_checkpoint == "latest":
+        # Only complete checkpoints count: `.tmp` (being written) and `.deleting` folders never match the pattern.
         checkpoints = list_checkpoints(output_dir)
         return checkpoints[-1] if checkpoints else None
     path = resume_from_checkpoint.rstrip("/")
@@ -45,6 +47,35 @@ def find_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | None:
             f"(expected .../checkpoint-STEP); use 'latest' or one of {list_checkpoints(output_dir)}."
         )
     return path
+
+
+def prepare_output_dir(
+    accelerator: Accelerator, output_dir: str, resume_from_checkpoint: str | None, overwrite_output_dir: bool
+) -> None:
+    """Create `output_dir`, refusing to mix a new run into a folder that holds another run's pipeline or checkpoints.
+
+    With `--overwrite_output_dir` the earlier run's checkpoints are removed (with a warning): left in place, they
+    would be taken for this run's `latest`. Nothing is removed without that flag.
+    """
+    held = []
+    if os.path.isfile(os.path.join(output_dir, "model_index.json")):
+        held.append("a saved pipeline")
+    if list_checkpoints(output_dir):
+        held.append("checkpoints")
+    if held and not (resume_from_checkpoint or overwrite_output_dir):
+        raise ValueError(
+            f"--output_dir {output_dir!r} already holds {' and '.join(held)} of an earlier run. Pass "
+            "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or choose "
+            "another --output_dir."
+        )
+    accelerator.wait_for_everyone()  # every process has checked before the main one changes anything
+    if accelerator.is_main_process:
+        folder = checkpoints_dir(output_dir)
+        if overwrite_output_dir and not resume_from_checkpoint and os.path.isdir(folder):
+            logger.warning(f"--overwrite_output_dir: removing the earlier run's {folder}")
+            shutil.rmtree(folder)
+        os.makedirs(output_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
 
 
 def save_checkpoint(
@@ -64,17 +95,50 @@ def save_checkpoint(
     if accelerator.is_main_process:
         with open(os.path.join(temporary_path, STATE_FILE), "w") as file:
             json.dump({"global_step": step, **run_state}, file, indent=2)
-        if os.path.exists(final_path):
-            shutil.rmtree(final_path)
+        if os.path.exists(final_path):  # saving a step again (after resuming from an older checkpoint)
+            remove_folder(final_path)
         os.replace(temporary_path, final_path)
         logger.info(f"Saved checkpoint {final_path}")
         if total_limit:
             # Prune only after the new checkpoint is complete, so the newest good one always survives.
             for old_path in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old_path)
+                remove_folder(old_path)
                 logger.info(f"Removed old checkpoint {old_path} (--checkpoints_total_limit {total_limit})")
     accelerator.wait_for_everyone()
     return final_path
+
+
+def remove_folder(path: str) -> None:
+    """Delete a folder so that a crash half-way never leaves a partial folder under its own name."""
+    doomed = f"{path}.deleting"
+    os.replace(path, doomed)  # atomic: from here on `latest` no longer sees it
+    shutil.rmtree(doomed)
+
+
+def save_pipeline(pipeline: DiffusionPipeline, output_dir: str) -> None:
+    """`pipeline.save_pretrained(output_dir)` such that a reader never sees half a pipeline.
+
+    The pipeline shares `output_dir` with checkpoints/ and logs, so the folder itself cannot be swapped: the new one is
+    written beside it, `model_index.json` (what loaders read first) is removed, each component folder and code file is
+    swapped in with an atomic rename, and the new `model_index.json` comes last. A crash at any point leaves either no
+    `model_index.json` (no pipeline, not half of one) or a complete pipeline.
+    """
+    staging = os.path.join(output_dir, ".pipeline.tmp")
+    if os.path.exists(staging):
+        shutil.rmtree(staging)  # a crash during an earlier save
+    pipeline.save_pretrained(staging)
+    index = os.path.join(output_dir, "model_index.json")
+    if os.path.exists(index):
+        os.remove(index)
+    for name in sorted(os.listdir(staging)):
+        if name == "model_index.json":
+            continue
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):
+            remove_folder(target)
+        os.replace(os.path.join(staging, name), target)
+    os.replace(os.path.join(staging, "model_index.json"), index)
+    os.rmdir(staging)
 
 
 def load_checkpoint(accelerator: Accelerator, path: str, run_state: dict) -> int:
@@ -94,5 +158,11 @@ def load_checkpoint(accelerator: Accelerator, path: str, run_state: dict) -> int
             f"Cannot resume exactly from {path}: {details}. Resume with the same --seed and the same global batch "
             "(--train_batch_size x processes x --gradient_accumulation_steps), or start a new --output_dir."
         )
-    accelerator.load_state(path)
+    try:
+        accelerator.load_state(path)
+    except Exception as error:  # truncated or foreign files: torch, safetensors and accelerate raise their own types
+        raise ValueError(
+            f"Cannot resume from {path}: it is damaged or belongs to another model ({type(error).__name__}: "
+            f"{error}). Resume from an older one with --resume_from_checkpoint PATH, or start a new --output_dir."
+        ) from error
     return saved_state["global_step"]

@@ -46,6 +46,10 @@ class ClassConditionedUNet(ModelMixin, ConfigMixin):
         id2label (`dict[int, str]`, *optional*):
             Human-readable name of each class id (for MNIST `{0: "0", ..., 9: "9"}`), saved with the config so that
             pipelines can accept label names.
+        time_class_embedding (`bool`, *optional*, defaults to `False`):
+            Also add a second learned class embedding to the timestep embedding (diffusers' `num_class_embeds`), so
+            that every ResNet block sees the class, not only the input layer. Off in the seed's design; it makes
+            short runs follow the requested class much sooner.
         class_dropout_prob (`float`, *optional*, defaults to 0.0):
             Probability with which training replaced the label by the "no class" id. Recorded so that a pipeline can
             warn when classifier-free guidance is asked of a model that never learned the unconditional case.
@@ -66,6 +70,7 @@ class ClassConditionedUNet(ModelMixin, ConfigMixin):
         attention_head_dim: int = 8,
         norm_num_groups: int = 32,
         id2label: dict[int, str] | None = None,
+        time_class_embedding: bool = False,
         class_dropout_prob: float = 0.0,
     ):
         super().__init__()
@@ -86,6 +91,7 @@ class ClassConditionedUNet(ModelMixin, ConfigMixin):
             up_block_types=tuple(up_block_types),
             attention_head_dim=attention_head_dim,
             norm_num_groups=norm_num_groups,
+            num_class_embeds=num_classes + 1 if time_class_embedding else None,
         )
 
     @property
@@ -120,7 +126,8 @@ class ClassConditionedUNet(ModelMixin, ConfigMixin):
         # (batch, class_emb_size) -> (batch, class_emb_size, height, width): the class is a constant image plane.
         class_planes = self.class_embedding(class_labels).to(sample.dtype)
         class_planes = class_planes[:, :, None, None].expand(batch_size, -1, height, width)
-        model_output = self.unet(torch.cat([sample, class_planes], dim=1), timestep).sample
+        time_class_labels = class_labels if self.config.time_class_embedding else None
+        model_output = self.unet(torch.cat([sample, class_planes], dim=1), timestep, time_class_labels).sample
         if not return_dict:
             return (model_output,)
         return UNet2DOutput(sample=model_output)

@@ -5,11 +5,14 @@ travels inside a saved pipeline folder.
 """
 
 import inspect
+import json
 import logging
+import os
+import shutil
 from collections.abc import Callable
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
@@ -19,6 +22,9 @@ from .modeling_class_conditioned_unet import ClassConditionedUNet
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+# A saved folder carries this file and the model file under these names (see `save_pretrained`).
+PIPELINE_FILE_STEM = "pipeline_class_conditioned_ddim"
+MODEL_FILE_STEM = "modeling_class_conditioned_unet"
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -54,11 +60,44 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["images"]
 
-    def __init__(self, unet: ClassConditionedUNet, scheduler: SchedulerMixin):
+    # `unet: ModelMixin`, not `ClassConditionedUNet`: as remote code, diffusers loads the UNet from the copy in unet/,
+    # a class object other than the one imported above, and would warn "Expected types for unet" on every load.
+    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin):
         super().__init__()
         # Unlike diffusers' DDIMPipeline we keep the scheduler we are given: a saved pipeline may carry a faster
         # sampler as its default, and converting it back to DDIM on load would silently discard that choice.
         self.register_modules(unet=unet, scheduler=scheduler)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        # `save_pretrained` names the code files the folder carries, for `DiffusionPipeline.from_pretrained(folder,
+        # trust_remote_code=True)`. Loading through this class, use the classes imported here instead of those copies.
+        output = super().load_config(*args, **kwargs)
+        config = output[0] if isinstance(output, tuple) else output
+        if isinstance(config.get("_class_name"), list):
+            config["_class_name"] = config["_class_name"][1]
+        if config.get("unet") == [MODEL_FILE_STEM, "ClassConditionedUNet"]:
+            config["unet"] = [ClassConditionedUNet.__module__, "ClassConditionedUNet"]
+        return output
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """[`DiffusionPipeline.save_pretrained`] plus the code, so that the folder also loads without this package:
+        `DiffusionPipeline.from_pretrained(save_directory, trust_remote_code=True)`."""
+        if kwargs.get("push_to_hub"):
+            raise NotImplementedError("save_pretrained would push before writing the code files; push the folder.")
+        super().save_pretrained(save_directory, **kwargs)
+        # The pipeline file at the root, the model file beside it (for its relative import) and in unet/.
+        model_file = inspect.getsourcefile(ClassConditionedUNet)
+        shutil.copyfile(__file__, os.path.join(save_directory, f"{PIPELINE_FILE_STEM}.py"))
+        shutil.copyfile(model_file, os.path.join(save_directory, f"{MODEL_FILE_STEM}.py"))
+        shutil.copyfile(model_file, os.path.join(save_directory, "unet", f"{MODEL_FILE_STEM}.py"))
+        index_file = os.path.join(save_directory, "model_index.json")
+        with open(index_file) as f:
+            index = json.load(f)
+        index["_class_name"] = [PIPELINE_FILE_STEM, "ClassConditionedDDIMPipeline"]
+        index["unet"] = [MODEL_FILE_STEM, "ClassConditionedUNet"]
+        with open(index_file, "w") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     @property
     def labels(self) -> dict[str, int]:
@@ -220,7 +259,8 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
             images = self.scheduler.step(model_output, t, images, **step_kwargs).prev_sample
 
             if callback_on_step_end is not None:
-                callback_kwargs = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                step_tensors = {"images": images}
+                callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
                 callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                 images = callback_outputs.pop("images", images)
 

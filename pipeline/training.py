@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 
 import torch
@@ -23,12 +24,30 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpointing import (
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prepare_output_dir,
+    save_checkpoint,
+    save_pipeline,
+)
+from .classifier import load_or_train_classifier
 from .data import load_split
+from .hub import push_folder, write_model_card
 from .modeling_class_conditioned_unet import ClassConditionedUNet
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
+from .validation import log_validation, prepare_trackers, save_loss_curve
 
 logger = get_logger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (diverged loss, stop signal, failed upload): the CLI prints the message, no traceback."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def build_model(args: argparse.Namespace, label_names: list[str]) -> ClassConditionedUNet:
@@ -39,8 +58,11 @@ def build_model(args: argparse.Namespace, label_names: list[str]) -> ClassCondit
         config = {
             "block_out_channels": tuple(args.block_out_channels),
             "layers_per_block": args.layers_per_block,
+            "down_block_types": tuple(args.down_block_types),
+            "up_block_types": tuple(args.up_block_types),
             "class_emb_size": args.class_emb_size,
             "norm_num_groups": args.norm_num_groups,
+            "time_class_embedding": args.time_class_embedding,
             "sample_size": args.resolution,
         }
     # The dataset decides the classes; the names travel with the model so pipelines accept them.
@@ -49,7 +71,10 @@ def build_model(args: argparse.Namespace, label_names: list[str]) -> ClassCondit
         id2label=dict(enumerate(label_names)),
         class_dropout_prob=args.class_dropout_prob,
     )
-    return ClassConditionedUNet.from_config(config)
+    try:
+        return ClassConditionedUNet.from_config(config)
+    except (TypeError, ValueError) as error:  # e.g. "layers_per_block": "two" in a hand-written config
+        raise ValueError(f"Cannot build the model from {args.model_config or 'the model flags'}: {error}") from error
 
 
 def global_step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -81,10 +106,11 @@ def build_pipeline(
 def train(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     # 1. accelerator: processes, device and precision come from `accelerate launch` / its config file
+    trackers, tracker_init_kwargs = prepare_trackers(args)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=trackers or None,
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
         ),
@@ -107,8 +133,7 @@ def train(args: argparse.Namespace) -> None:
             "--mixed_precision fp16 needs a CUDA GPU (it relies on a gradient scaler); on this "
             f"{accelerator.device.type} device use --mixed_precision bf16 or no."
         )
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+    prepare_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
 
     # 2. data: decoded once into a uint8 tensor that lives on the training device
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others reuse it
@@ -120,10 +145,11 @@ def train(args: argparse.Namespace) -> None:
     # 3. model (built after set_seed so the seed also fixes the initial weights), EMA, noise scheduler, optimizer
     set_seed(args.seed)
     model = build_model(args, train_data.label_names)
-    if int(train_data.labels.max()) >= model.config.num_classes:
+    low, high = int(train_data.labels.min()), int(train_data.labels.max())
+    if low < 0 or high >= model.config.num_classes:
         raise ValueError(
-            f"Dataset labels go up to {int(train_data.labels.max())} but the model has "
-            f"num_classes={model.config.num_classes}; fix --model_config or the dataset."
+            f"Dataset {args.dataset!r} has labels outside 0..{model.config.num_classes - 1} (from {low} to {high}; "
+            "-1 marks unlabelled rows): every training image needs one of its classes."
         )
     null_class_id = model.null_class_id
     ema_model = None
@@ -167,7 +193,19 @@ def train(args: argparse.Namespace) -> None:
     run_state = {"seed": args.seed, "global_batch_size": global_batch_size, "max_train_samples": num_samples}
 
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+        accelerator.init_trackers(
+            args.tracker_project_name,
+            config=tracker_config(args),
+            init_kwargs=tracker_init_kwargs,
+        )
+    # The validation metrics judge samples with a classifier trained once per dataset and cached (main process).
+    evaluation = None
+    if accelerator.is_main_process and args.validation_images_per_label:
+        classifier, _ = load_or_train_classifier(
+            args.dataset, cache_dir=args.classifier_cache_dir, max_train_samples=args.classifier_train_samples
+        )
+        evaluation = (classifier, load_split(args.dataset, "test", args.resolution), train_data)
+    accelerator.wait_for_everyone()
 
     logger.info("***** Running training *****")
     logger.info(f"  Num examples = {num_samples}")
@@ -188,6 +226,18 @@ def train(args: argparse.Namespace) -> None:
             global_step = load_checkpoint(accelerator, checkpoint, run_state)
     first_step = global_step
 
+    # SIGTERM (what schedulers send before preemption) or Ctrl-C: finish the step, checkpoint, exit. accelerate's
+    # trigger is an all-reduced flag, so every process stops after the same step even if only one got the signal.
+    received_signals = []
+
+    def request_stop(signum: int, frame) -> None:
+        received_signals.append(signum)
+        accelerator.set_trigger()
+        signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
+
     # Train!
     progress_bar = tqdm(
         range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
@@ -195,7 +245,22 @@ def train(args: argparse.Namespace) -> None:
     model.train()
     permutation_epoch, permutation = None, None
     running_loss, steps_since_log, mean_loss = torch.zeros((), device=accelerator.device), 0, float("nan")
-    loop_started = time.perf_counter()
+    # The first step whose loss was not finite, kept on the device (no per-step sync) and checked before anything
+    # is logged or saved, so a diverged run never writes a checkpoint or pipeline of garbage.
+    first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
+
+    def stop_if_diverged() -> None:
+        bad_step = int(accelerator.reduce(first_bad_step, reduction="max").item())  # 0 if every loss was finite
+        if bad_step:
+            checkpoints = list_checkpoints(args.output_dir)
+            raise TrainingError(
+                f"The loss became NaN or infinite at step {bad_step}; stopping instead of training on garbage. Last "
+                f"good checkpoint: {checkpoints[-1] if checkpoints else 'none'}. Lower --learning_rate or set "
+                "--max_grad_norm."
+            )
+
+    loss_history: list[tuple[int, float]] = []
+    loop_started = last_log_time = time.perf_counter()
     while global_step < max_train_steps:
         epoch, batch_in_epoch = divmod(global_step, steps_per_epoch)
         if epoch != permutation_epoch:
@@ -213,6 +278,7 @@ def train(args: argparse.Namespace) -> None:
         )
         global_dropped = torch.rand(global_batch_size, generator=generator, device=accelerator.device)
         global_dropped = global_dropped < args.class_dropout_prob
+        log_this_step = (global_step + 1) % args.logging_steps == 0 or global_step + 1 == max_train_steps
 
         for micro_step in range(args.gradient_accumulation_steps):
             # Chunk order (micro step, then process) matches how accelerate shards a dataloader's batches.
@@ -231,11 +297,15 @@ def train(args: argparse.Namespace) -> None:
                 loss = F.mse_loss(model_output.float(), noise)  # epsilon prediction
 
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if accelerator.sync_gradients and (args.max_grad_norm or log_this_step):
+                    # With max_norm=inf this only measures the norm (grads are multiplied by exactly 1.0).
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             running_loss += loss.detach() / args.gradient_accumulation_steps
+            first_bad_step = torch.where(
+                (first_bad_step == 0) & ~torch.isfinite(loss.detach()), global_step + 1, first_bad_step
+            )
 
         # One optimizer step is done (accelerate synced the gradients on the last micro step).
         lr_scheduler.step()
@@ -245,33 +315,59 @@ def train(args: argparse.Namespace) -> None:
         steps_since_log += 1
         progress_bar.update(1)
 
-        if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+        stop_requested = accelerator.check_trigger()
+        save_now = stop_requested or (args.checkpointing_steps and global_step % args.checkpointing_steps == 0)
+        if log_this_step or save_now:
+            stop_if_diverged()
+        if log_this_step:
             # .item() waits for the device, so it happens every logging_steps, not every step.
             mean_loss = accelerator.reduce(running_loss, reduction="mean").item() / steps_since_log
-            running_loss.zero_()
-            steps_since_log = 0
-            if not math.isfinite(mean_loss):
-                raise RuntimeError(
-                    f"Loss became {mean_loss} at step {global_step}; stopping instead of training on garbage. "
-                    "Lower --learning_rate or set --max_grad_norm."
-                )
-            logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
+            now = time.perf_counter()
+            logs = {
+                "loss": mean_loss,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm.item(),
+                "images_per_s": steps_since_log * global_batch_size / (now - last_log_time),
+                "epoch": global_step / steps_per_epoch,
+            }
             if ema_model is not None:
                 logs["ema_decay"] = ema_model.cur_decay_value
-            progress_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
+            running_loss.zero_()
+            steps_since_log, last_log_time = 0, now
+            loss_history.append((global_step, mean_loss))
+            progress_bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{logs['images_per_s']:.0f}")
             accelerator.log(logs, step=global_step)
 
-        if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run_state)
+        if save_now:
+            checkpoint = save_checkpoint(
+                accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run_state
+            )
+        if stop_requested:
+            name = signal.Signals(received_signals[0]).name if received_signals else "a signal on another process"
+            raise TrainingError(
+                f"Stopped by {name} after step {global_step} of {max_train_steps}; saved {checkpoint}. Resume with "
+                "the same command plus --resume_from_checkpoint latest.",
+                exit_code=128 + (received_signals[0] if received_signals else signal.SIGTERM),
+            )
+
+        if args.validation_steps and global_step % args.validation_steps == 0 and global_step < max_train_steps:
+            pipeline = build_pipeline(accelerator, model, ema_model, noise_scheduler)  # every process (gathers)
+            if accelerator.is_main_process:
+                log_validation(accelerator, pipeline, args, global_step, evaluation)
+            accelerator.wait_for_everyone()
 
     # 6. the final pipeline: exactly what `ClassConditionedDDIMPipeline.from_pretrained(output_dir)` loads
     loop_time = time.perf_counter() - loop_started
     progress_bar.close()
     accelerator.wait_for_everyone()
+    stop_if_diverged()
     pipeline = build_pipeline(accelerator, model, ema_model, noise_scheduler)
     if accelerator.is_main_process:
-        pipeline.save_pretrained(args.output_dir)
+        save_pipeline(pipeline, args.output_dir)
         logger.info(f"Saved the pipeline to {args.output_dir}")
+        final_metrics = log_validation(accelerator, pipeline, args, global_step, evaluation)
+        if loss_history:
+            save_loss_curve(loss_history, os.path.join(args.output_dir, "loss_curve.png"))
         summary = {
             "global_step": global_step,
             "steps_this_run": global_step - first_step,
@@ -284,10 +380,24 @@ def train(args: argparse.Namespace) -> None:
             "wall_time_s": round(time.perf_counter() - started, 2),
             "train_loop_s": round(loop_time, 2),
             "images_per_s": round((global_step - first_step) * global_batch_size / loop_time, 2),
+            "final_metrics": final_metrics,
         }
         with open(os.path.join(args.output_dir, "training_summary.json"), "w") as file:
             json.dump(summary, file, indent=2)
+        write_model_card(args.output_dir, vars(args), summary, pipeline.unet.config.id2label,
+                         type(pipeline.scheduler).__name__)  # fmt: skip
     accelerator.end_training()
+
+    if args.push_to_hub and accelerator.is_main_process:
+        hub_model_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+        try:
+            url = push_folder(args.output_dir, hub_model_id, args.hub_token)
+        except Exception as error:  # network, auth, offline mode: the local save above stands either way
+            raise TrainingError(
+                f"The pipeline is saved in {args.output_dir}, but pushing it to the Hub as {hub_model_id!r} failed: "
+                f"{type(error).__name__}: {error}. Upload it later with `hf upload {hub_model_id} {args.output_dir}`."
+            ) from error
+        logger.info(f"Pushed the pipeline to {url}")
 
 
 def tracker_config(args: argparse.Namespace) -> dict:

@@ -27,6 +27,12 @@ TINY_TRAIN_FLAGS = [
     "2",
     "--norm_num_groups",
     "8",
+    "--validation_images_per_label",  # metrics need the evaluation classifier: tested on their own
+    "0",
+    "--validation_grid_columns",
+    "2",
+    "--validation_num_inference_steps",
+    "2",
 ]
 
 
@@ -97,3 +103,9 @@ def trained_dir(tmp_path_factory) -> Path:
         ["--output_dir", str(output_dir), "--max_train_steps", "4", "--train_batch_size", "8", *TINY_TRAIN_FLAGS],
     )
     return output_dir
+
+
+@pytest.fixture(scope="session")
+def classifier_cache(tmp_path_factory) -> str:
+    """A classifier cache shared by the tests; they train the evaluation classifier on 3,000 images (~20 s, once)."""
+    return str(tmp_path_factory.mktemp("classifier_cache"))

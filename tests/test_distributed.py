@@ -231,41 +231,6 @@ def test_resume_with_more_processes_and_the_same_global_batch(single_process_run
     assert max_difference(unet_weights(tmp_path), unet_weights(single_process_run)) < EQUIVALENCE_ATOL
 
 
-def test_resume_with_another_global_batch_is_refused(tmp_path):
-    accelerate_launch(
-        "cpu.yaml",
-        [
-            "--output_dir",
-            str(tmp_path),
-            "--train_batch_size",
-            "8",
-            "--max_train_steps",
-            "2",
-            "--checkpointing_steps",
-            "2",
-            *RUN_FLAGS,
-        ],
-    )
-    result = accelerate_launch(
-        "cpu.yaml",
-        [
-            "--output_dir",
-            str(tmp_path),
-            "--train_batch_size",
-            "4",
-            "--max_train_steps",
-            "4",
-            "--resume_from_checkpoint",
-            "latest",
-            *RUN_FLAGS,
-        ],
-        launch_args=["-q"],
-        check=False,
-    )
-    assert result.returncode != 0
-    assert "global_batch_size was 8 and is now 4" in result.stderr and "Traceback" not in result.stderr
-
-
 def test_bf16_autocast_on_cpu(tmp_path):
     accelerate_launch(
         "cpu.yaml",

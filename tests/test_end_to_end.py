@@ -42,8 +42,9 @@ def test_sample_cli_writes_one_row_per_label(trained_dir, tmp_path):
             str(output),
         ]
     )
-    # make_grid with padding 2: each 28-pixel cell adds 2 pixels, plus 2 at the far edge.
-    assert Image.open(output).size == (4 * 30 + 2, 3 * 30 + 2)
+    # make_grid with padding 2: each 28-pixel cell adds 2 pixels, plus 2 at the far edge; labels on the left.
+    width, height = Image.open(output).size
+    assert height == 3 * 30 + 2 and 4 * 30 + 2 < width < 4 * 30 + 2 + 40
 
 
 def test_sample_cli_is_deterministic(trained_dir, tmp_path):
@@ -66,7 +67,7 @@ def test_sample_cli_is_deterministic(trained_dir, tmp_path):
             ]
         )
     assert first.read_bytes() == second.read_bytes()
-    assert Image.open(first).size == (32, 10 * 30 + 2)  # default: all ten classes
+    assert Image.open(first).size[1] == 10 * 30 + 2  # default: all ten classes
 
 
 @pytest.mark.parametrize(

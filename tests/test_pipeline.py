@@ -1,14 +1,17 @@
 import inspect
+import logging
 import re
 
 import numpy as np
 import pytest
 import torch
-from diffusers import ImagePipelineOutput
+from diffusers import DDIMScheduler, ImagePipelineOutput
 from PIL import Image
+from safetensors.torch import load_file
 
 from pipeline import ClassConditionedDDIMPipeline
 from pipeline.pipeline_class_conditioned_ddim import EXAMPLE_DOC_STRING
+from pipeline.schedulers import SCHEDULERS, set_scheduler
 
 
 def test_labels_to_pil_images(tiny_pipe):
@@ -112,3 +115,77 @@ def test_guidance_runs_one_batched_unet_call_per_step(tiny_pipe):
     tiny_pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     tiny_pipe([1, 2, 3], num_inference_steps=4, guidance_scale=3.0)
     assert calls == [6] * 4
+
+
+def test_a_generator_per_image_reproduces_each_image_alone(tiny_pipe):
+    def generators(*seeds):
+        return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    both = tiny_pipe([3, 7], num_inference_steps=3, generator=generators(10, 11), output_type="pt").images
+    second_alone = tiny_pipe([7], num_inference_steps=3, generator=generators(11), output_type="pt").images
+    torch.testing.assert_close(both[1:], second_alone, atol=1e-5, rtol=0)  # batch size may change conv kernels
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_listed_scheduler_samples(tiny_pipe, name):
+    set_scheduler(tiny_pipe, name)
+    assert type(tiny_pipe.scheduler) is SCHEDULERS[name]
+    # eta goes only to schedulers whose step() takes it; the others must not choke on it.
+    images = tiny_pipe([1, 2], num_inference_steps=4, eta=0.5, guidance_scale=2.0, output_type="pt",
+                       generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
+
+
+def test_unknown_scheduler_name_lists_the_choices(tiny_pipe):
+    with pytest.raises(ValueError, match=r"choose one of \['ddim', 'ddpm', 'dpm\+\+', 'euler', 'unipc'\]"):
+        set_scheduler(tiny_pipe, "heun")
+
+
+def test_callback_on_step_end_sees_and_replaces_the_images(tiny_pipe):
+    seen = []
+
+    def callback(pipe, step, timestep, callback_kwargs):
+        seen.append((step, int(timestep), callback_kwargs["images"].shape))
+        return {"images": torch.zeros_like(callback_kwargs["images"])}
+
+    images = tiny_pipe([4], num_inference_steps=3, output_type="pt", callback_on_step_end=callback).images
+    assert [step for step, _, _ in seen] == [0, 1, 2] and seen[0][2] == (1, 1, 28, 28)
+    assert torch.all(images == 0.5)  # zeros in [-1, 1] are 0.5 in [0, 1]
+    with pytest.raises(ValueError, match="may only name"):
+        tiny_pipe([4], num_inference_steps=1, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["x"])
+
+
+def test_runs_in_the_dtype_it_was_moved_to(tiny_pipe):
+    tiny_pipe.to(torch.bfloat16)
+    images = tiny_pipe([5], num_inference_steps=2, output_type="pt").images
+    assert images.dtype == torch.bfloat16
+    assert tiny_pipe([5], num_inference_steps=2, output_type="np").images.dtype == np.float32
+
+
+def test_guidance_without_class_dropout_warns(tiny_pipe, caplog):
+    with caplog.at_level(logging.WARNING):
+        tiny_pipe([1], num_inference_steps=1, guidance_scale=1.0)
+    assert "class dropout" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        tiny_pipe([1], num_inference_steps=1, guidance_scale=3.0)
+    assert "trained without class dropout" in caplog.text
+
+
+def test_label_names_come_from_the_dataset_and_survive_saving(tmp_path, tiny_unet):
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    tiny_unet.register_to_config(id2label=dict(enumerate(names)))
+    ClassConditionedDDIMPipeline(unet=tiny_unet, scheduler=DDIMScheduler()).save_pretrained(tmp_path)
+    pipe = ClassConditionedDDIMPipeline.from_pretrained(tmp_path)
+    assert pipe.labels["Ankle boot"] == 9 and len(pipe.labels) == 10
+    assert pipe.get_label_ids(["Trouser", "Ankle boot", 3]) == [1, 9, 3]
+    with pytest.raises(ValueError, match="valid names are"):
+        pipe.get_label_ids("trouser")
+
+
+def test_pickle_weights_are_refused(tmp_path, tiny_pipe):
+    tiny_pipe.save_pretrained(tmp_path)
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), tmp_path / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(OSError, match="safetensors"):
+        ClassConditionedDDIMPipeline.from_pretrained(tmp_path, use_safetensors=True)

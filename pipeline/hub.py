@@ -1,0 +1,112 @@
+"""Sharing a trained pipeline: its model card (README.md) and the upload to the Hugging Face Hub."""
+
+import json
+import os
+
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+
+# Run-time leftovers that do not belong in a shared model repository.
+UPLOAD_IGNORE = ["checkpoints/**", "logs/**", "wandb/**", "*.tmp*", "**/*.tmp*"]
+
+CARD_TEMPLATE = """---
+{metadata}
+---
+
+# {title}
+
+A class-conditioned diffusion model: give it class labels, get images of those classes. A
+`ClassConditionedUNet` (a diffusers `UNet2DModel` that receives a learned class embedding as extra input
+channels) predicts the noise; the pipeline denoises with a `{scheduler}`.
+
+![One row per class, from fixed noise](samples.png)
+
+## Use it
+
+With this project's `pipeline` package installed (`pip install -e .` in the project's repository):
+
+```python
+from pipeline import ClassConditionedDDIMPipeline
+
+pipe = ClassConditionedDDIMPipeline.from_pretrained("{repo}")
+images = pipe(class_labels=[3, 7], num_images_per_label=4).images  # PIL images: four 3s, then four 7s
+```
+
+With diffusers alone: this folder carries the pipeline and model code, so no package is needed. It runs that code,
+so pass `trust_remote_code=True` only for folders you trust:
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{repo}", trust_remote_code=True)
+images = pipe(class_labels=[3, 7]).images
+```
+
+From the command line: `python sample.py --model {repo} --class_labels 3 7 --output grid.png`.
+
+Classes: {classes}.
+
+## Training
+
+Dataset: {dataset}. {training_line}
+
+| setting | value |
+| --- | --- |
+{config_rows}
+
+## Evaluation
+
+{metrics_text}
+"""
+
+CONFIG_KEYS = [
+    "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps",
+    "num_epochs", "max_train_steps", "use_ema", "class_dropout_prob", "num_train_timesteps", "beta_schedule",
+    "block_out_channels", "layers_per_block", "class_emb_size", "time_class_embedding", "mixed_precision", "seed",
+]  # fmt: skip
+
+
+def write_model_card(output_dir: str, config: dict, summary: dict, id2label: dict, scheduler: str) -> None:
+    """Write `output_dir/README.md`: metadata, sample grid, usage for both loading ways, training set-up, metrics."""
+    dataset = config["dataset"]
+    is_hub_dataset = not os.path.isdir(dataset)
+    metadata = ModelCardData(
+        library_name="diffusers",
+        license="apache-2.0",
+        tags=["diffusers", "class-conditional", "image-generation", "mnist", "ddim", "pytorch"],
+        datasets=[dataset] if is_hub_dataset else None,
+    )
+    metrics = summary.get("final_metrics") or {}
+    if metrics:
+        metrics_text = (
+            f"On {config['validation_images_per_label']} images per class "
+            f"({config['validation_num_inference_steps']} {scheduler} steps, guidance scale "
+            f"{config['validation_guidance_scale']}), judged by an MNIST classifier:\n\n"
+            "| conditional accuracy | classifier FID | real-data FID floor |\n| --- | --- | --- |\n"
+            f"| {metrics['cond_accuracy']:.4f} | {metrics['fid']:.2f} | {metrics['fid_real_floor']:.2f} |\n\n"
+            "The floor is the FID of as many real training images: the best score at this sample size. "
+            "Rerun with more images: `python -m pipeline.evaluate --model THIS_FOLDER`."
+        )
+    else:
+        metrics_text = "Not measured during training; run `python -m pipeline.evaluate --model THIS_FOLDER`."
+    content = CARD_TEMPLATE.format(
+        metadata=metadata.to_yaml(),
+        title=os.path.basename(os.path.abspath(output_dir)),
+        scheduler=scheduler,
+        repo=config.get("hub_model_id") or "PATH_TO_THIS_FOLDER",
+        classes=", ".join(f"{class_id} = {name!r}" for class_id, name in id2label.items()),
+        dataset=f"[{dataset}](https://huggingface.co/datasets/{dataset})"
+        if is_hub_dataset
+        else f"the local folder `{os.path.basename(os.path.normpath(dataset))}`",
+        training_line=f"{summary['global_step']} optimizer steps of {summary['global_batch_size']} images on "
+        f"{summary['num_processes']} {summary['device']} process(es), {summary['wall_time_s'] / 60:.1f} minutes.",
+        config_rows="\n".join(f"| `{key}` | {json.dumps(config[key])} |" for key in CONFIG_KEYS if key in config),
+        metrics_text=metrics_text,
+    )
+    ModelCard(content).save(os.path.join(output_dir, "README.md"))
+
+
+def push_folder(output_dir: str, hub_model_id: str, hub_token: str | None) -> str:
+    """Upload the saved pipeline folder (not checkpoints or logs) to `hub_model_id`; return the repo URL."""
+    repo_id = create_repo(hub_model_id, token=hub_token, exist_ok=True).repo_id
+    upload_folder(repo_id=repo_id, folder_path=output_dir, token=hub_token, ignore_patterns=UPLOAD_IGNORE)
+    return f"https://huggingface.co/{repo_id}"

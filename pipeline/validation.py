@@ -1,0 +1,131 @@
+"""What training shows while it runs: tracker set-up, a sample grid from fixed noise, quick metrics, the loss curve."""
+
+import argparse
+import logging
+import os
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from torchvision.utils import make_grid, save_image
+
+from .classifier import MNISTClassifier
+from .data import ImageClassData
+from .evaluate import generate_for_evaluation, score_images
+from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
+
+logger = get_logger(__name__)
+
+
+def prepare_trackers(args: argparse.Namespace) -> tuple[list[str], dict]:
+    """The accelerate trackers for `--report_to` and their `init_kwargs`, failing early when one is not installed.
+
+    Without a W&B login (and with WANDB_MODE unset) W&B would stop at a login prompt; it logs offline instead, with
+    a one-line notice on how to upload the run later.
+    """
+    report_to = args.report_to
+    wandb_kwargs = {"name": args.run_name, "dir": args.output_dir}
+    trackers = {"none": [], "all": ["wandb", "tensorboard"]}.get(report_to, [report_to])
+    if "tensorboard" in trackers:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError as error:
+            raise ImportError("--report_to tensorboard needs TensorBoard: pip install tensorboard") from error
+    if "wandb" in trackers:
+        try:
+            import wandb
+        except ImportError as error:
+            raise ImportError("--report_to wandb needs Weights & Biases: pip install wandb") from error
+        if not os.environ.get("WANDB_MODE") and not wandb.login(prompt=False, verify=False):
+            wandb_kwargs["mode"] = "offline"
+            logging.getLogger(__name__).warning(
+                "W&B: no login found, so this run is logged offline under OUTPUT_DIR/wandb/. Upload it later with "
+                "`wandb sync OUTPUT_DIR/wandb/offline-run-*` (after `wandb login`), or set WANDB_MODE to choose."
+            )
+    return trackers, {"wandb": wandb_kwargs}
+
+
+def validation_grid(
+    pipe: ClassConditionedDDIMPipeline,
+    images_per_class: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    seed: int,
+) -> torch.Tensor:
+    """One row per class, drawn from the same noise every time, so grids are comparable across steps and runs."""
+    images = pipe(
+        class_labels=list(range(pipe.unet.config.num_classes)),
+        num_images_per_label=images_per_class,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator(device="cpu").manual_seed(seed),
+        output_type="pt",
+    ).images
+    return make_grid(images.float().cpu(), nrow=images_per_class, padding=2, pad_value=1.0)
+
+
+def log_validation(
+    accelerator: Accelerator,
+    pipe: ClassConditionedDDIMPipeline,
+    args: argparse.Namespace,
+    step: int,
+    evaluation: tuple[MNISTClassifier, ImageClassData, ImageClassData] | None,
+) -> dict:
+    """Main process only: log the grid (and metrics when `evaluation` is given); save the grid as a PNG too."""
+    pipe.set_progress_bar_config(disable=True)
+    grid = validation_grid(
+        pipe,
+        args.validation_grid_columns,
+        args.validation_num_inference_steps,
+        args.validation_guidance_scale,
+        args.seed,
+    )
+    grid_path = os.path.join(args.output_dir, "samples.png")
+    save_image(grid, grid_path)
+
+    metrics = {}
+    if evaluation is not None:
+        classifier, test, train = evaluation
+        images, labels = generate_for_evaluation(
+            pipe, args.validation_images_per_label, args.validation_num_inference_steps,
+            args.validation_guidance_scale, seed=args.seed,
+        )  # fmt: skip
+        scores = score_images(images, labels, classifier, test, train, seed=args.seed)
+        metrics = {
+            "cond_accuracy": scores["cond_accuracy"]["overall"],
+            "fid": scores["fid"],
+            "fid_real_floor": scores["fid_real_floor"],
+        }
+        accelerator.log({f"validation/{name}": value for name, value in metrics.items()}, step=step)
+
+    caption = f"step {step}: one row per class ({', '.join(pipe.labels)}), fixed noise"
+    if metrics:
+        caption += f"; conditional accuracy {metrics['cond_accuracy']:.3f}, FID {metrics['fid']:.2f}"
+    grid_hwc = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation/samples": wandb.Image(grid_hwc, caption=caption)}, step=step)
+        elif tracker.name == "tensorboard":
+            tracker.writer.add_image("validation/samples", grid_hwc, step, dataformats="HWC")
+    logger.info(f"Validation at step {step}: {metrics or 'grid only'} -> {grid_path}")
+    return metrics
+
+
+def save_loss_curve(history: list[tuple[int, float]], path: str) -> None:
+    """The training loss against the step, as the seed plots it."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    steps, losses = zip(*history, strict=True)
+    axes.plot(steps, losses)
+    axes.set(xlabel="optimizer step", ylabel="MSE loss (noise prediction)", yscale="log", title="Training loss")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

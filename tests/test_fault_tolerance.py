@@ -1,0 +1,246 @@
+"""Never lose a run: stop signals, SIGKILL at random moments (inside checkpoint and pipeline writes too), bad input.
+
+The kill test is bounded for CI (a few kills of a tiny run); set FAULT_INJECTION_KILLS=N for a longer soak.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.checkpointing import find_checkpoint
+from tests.conftest import REPO_ROOT, TINY_TRAIN_FLAGS, accelerate_command, cli_env, run_cli
+
+RUN = [*TINY_TRAIN_FLAGS, "--train_batch_size", "8", "--max_train_samples", "48", "--use_ema",
+       "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--logging_steps", "1"]  # fmt: skip
+TRAIN = [sys.executable, str(REPO_ROOT / "train_conditional.py")]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished 2-step run with its checkpoint: tests copy it and try to reuse or damage it."""
+    output_dir = tmp_path_factory.mktemp("finished") / "run"
+    run_cli([*TRAIN, "--output_dir", str(output_dir), "--max_train_steps", "2", "--checkpointing_steps", "2", *RUN])
+    return output_dir
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> bool:
+    """Poll every millisecond until `condition()` holds (True) or the process ends first (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.001)
+    raise TimeoutError("the training process neither reached the kill point nor ended")
+
+
+def assert_resumable(output_dir: Path) -> None:
+    """Whatever moment the kill hit, `latest` is a complete checkpoint and a visible pipeline is a whole one."""
+    latest = find_checkpoint(str(output_dir), "latest")
+    if latest is not None:
+        state = json.loads((Path(latest) / "training_state.json").read_text())
+        assert latest.endswith(f"checkpoint-{state['global_step']}")
+        load_file(Path(latest) / "model.safetensors")  # complete, not truncated
+    if (output_dir / "model_index.json").exists():
+        load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path):
+    steps = 8
+    flags = [*RUN, "--max_train_steps", str(steps), "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"]
+    run_cli([*TRAIN, "--output_dir", str(tmp_path / "reference"), *flags])
+    reference = weights(tmp_path / "reference")
+
+    output_dir = tmp_path / "killed"
+    checkpoints = output_dir / "checkpoints"
+    rng = random.Random(int(os.environ.get("FAULT_INJECTION_SEED", "0")))
+    kills = int(os.environ.get("FAULT_INJECTION_KILLS", "4"))
+    # Kill points: while checkpoint k is being written, at a random moment of training, while the final pipeline
+    # is being written. Each run resumes from whatever the previous kill left.
+    plan = [("inside checkpoint write", lambda k=k: (checkpoints / f"checkpoint-{k}.tmp").exists())
+            for k in rng.sample(range(2, steps), 2)]  # fmt: skip
+    plan += [("random moment", None) for _ in range(max(0, kills - 3))]
+    plan.append(("inside final pipeline write", lambda: (output_dir / ".pipeline.tmp").exists()))
+    outcomes = []
+    for name, condition in plan:
+        command = [*TRAIN, "--output_dir", str(output_dir), "--resume_from_checkpoint", "latest", *flags]
+        process = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if condition is None:
+            reached = wait_for(lambda: checkpoints.exists(), process)
+            time.sleep(rng.uniform(0.0, 1.5))
+            reached = reached and process.poll() is None
+        else:
+            reached = wait_for(condition, process)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        outcomes.append((name, reached))
+        assert_resumable(output_dir)
+    print(f"kills: {outcomes}")
+    assert sum(reached for _, reached in outcomes) >= 3, outcomes  # the kills really hit running training
+
+    run_cli([*TRAIN, "--output_dir", str(output_dir), "--resume_from_checkpoint", "latest", *flags])
+    resumed = weights(output_dir)
+    assert all(torch.equal(resumed[name], tensor) for name, tensor in reference.items())
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_says_how_to_resume(tmp_path):
+    process = subprocess.Popen([*TRAIN, "--output_dir", str(tmp_path), "--max_train_steps", "100000", *RUN],
+                               env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    output = []
+    for line in process.stdout:  # wait until training has taken a few steps
+        output.append(line)
+        if "'loss':" in line or "Running training" in line:
+            break
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    output.append(process.communicate(timeout=120)[0])
+    text = "".join(output)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "Stopped by SIGTERM after step" in text and "--resume_from_checkpoint latest" in text
+    assert "Traceback" not in text
+    latest = find_checkpoint(str(tmp_path), "latest")
+    assert latest is not None and not (tmp_path / "model_index.json").exists()
+
+
+def test_sigterm_stops_all_processes_together(tmp_path):
+    command = [*accelerate_command("multi_cpu.yaml"), "--output_dir", str(tmp_path), "--max_train_steps", "100000",
+               *RUN, "--train_batch_size", "4"]  # fmt: skip
+    # A new session, so that the signal goes to the whole group, as a scheduler or a terminal sends it.
+    launcher = subprocess.Popen(command, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # fmt: skip
+    for line in launcher.stdout:
+        if "Running training" in line:
+            break
+    time.sleep(3)
+    os.killpg(launcher.pid, signal.SIGTERM)
+    text = launcher.communicate(timeout=120)[0]  # no hung collective: both ranks exit
+    assert launcher.returncode != 0
+    assert "Stopped by SIGTERM after step" in text
+    latest = find_checkpoint(str(tmp_path), "latest")
+    state = json.loads((Path(latest) / "training_state.json").read_text())
+    assert state["global_batch_size"] == 8
+
+
+def test_diverging_loss_stops_with_the_step_and_last_good_checkpoint(tmp_path):
+    result = run_cli([*TRAIN, "--output_dir", str(tmp_path), "--max_train_steps", "20", "--checkpointing_steps",
+                      "1", *RUN, "--learning_rate", "1e30", "--logging_steps", "10"], check=False)  # fmt: skip
+    assert result.returncode == 1
+    assert "became NaN or infinite at step" in result.stderr and "Last good checkpoint:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "model_index.json").exists()  # no pipeline of garbage
+
+
+def test_output_dir_of_another_run_is_refused_unless_told(finished_run, tmp_path):
+    output_dir = copy_of(finished_run, tmp_path)
+    flags = ["--output_dir", str(output_dir), "--max_train_steps", "2", "--checkpointing_steps", "2", *RUN]
+    (output_dir / "notes.txt").write_text("mine")
+    refused = run_cli([*TRAIN, *flags], check=False)
+    assert refused.returncode == 2
+    assert "already holds a saved pipeline and checkpoints" in refused.stderr
+    assert "--overwrite_output_dir" in refused.stderr and "Traceback" not in refused.stderr
+    run_cli([*TRAIN, *flags, "--overwrite_output_dir"])
+    assert (output_dir / "notes.txt").read_text() == "mine"  # only the earlier run's own files are replaced
+
+
+def make_broken_model(trained_dir: Path, tmp_path: Path, breakage: str) -> Path:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(trained_dir, model, ignore=shutil.ignore_patterns("checkpoints"))
+    weights_file = model / "unet" / "diffusion_pytorch_model.safetensors"
+    if breakage == "missing weights":
+        weights_file.unlink()
+    elif breakage == "truncated weights":
+        weights_file.write_bytes(weights_file.read_bytes()[:1000])
+    elif breakage == "pickle weights":
+        torch.save(load_file(weights_file), model / "unet" / "diffusion_pytorch_model.bin")
+        weights_file.unlink()
+    elif breakage == "wrong config type":
+        config = json.loads((model / "unet" / "config.json").read_text())
+        config["layers_per_block"] = "two"
+        (model / "unet" / "config.json").write_text(json.dumps(config))
+    return model
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("missing weights", "Could not load a pipeline"),
+    ("truncated weights", "Could not load a pipeline"),
+    ("pickle weights", "holds pickle weights (unet/diffusion_pytorch_model.bin)"),
+    ("wrong config type", "Could not load a pipeline"),
+])  # fmt: skip
+def test_sample_refuses_broken_model_folders(trained_dir, tmp_path, breakage, message):
+    model = make_broken_model(trained_dir, tmp_path, breakage)
+    result = run_cli([sys.executable, "sample.py", "--model", str(model), "--output", str(tmp_path / "x.png")],
+                     check=False)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scheduler", "heun"], "invalid choice: 'heun'"),
+    (["--num_inference_steps", "0"], "must be at least 1"),
+])  # fmt: skip
+def test_sample_usage_errors_exit_2(trained_dir, tmp_path, args, message):
+    result = run_cli([sys.executable, "sample.py", "--model", str(trained_dir), *args], check=False)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_unlabelled_examples_are_refused(tmp_path):
+    import datasets
+    from PIL import Image
+
+    # ClassLabel's -1 means "no label": such rows cannot condition a class-conditional model.
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    images = [Image.new("L", (28, 28))] * 2
+    datasets.Dataset.from_dict({"image": images, "label": [0, -1]}, features=features).to_parquet(
+        tmp_path / "train.parquet"
+    )
+    result = run_cli([*TRAIN, "--dataset", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+                      "--train_batch_size", "1", "--max_train_steps", "1", *TINY_TRAIN_FLAGS], check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert "labels outside 0..1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_wrong_type_in_model_config_is_a_clear_error(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"layers_per_block": "two"}))
+    result = run_cli([*TRAIN, "--output_dir", str(tmp_path / "out"), "--model_config", str(config)], check=False)
+    assert result.returncode == 2
+    assert "Cannot build the model from" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_damaged_checkpoint_file_is_refused_clearly(finished_run, tmp_path):
+    output_dir = copy_of(finished_run, tmp_path)
+    save_file({"unrelated": torch.zeros(1)}, output_dir / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    result = run_cli([*TRAIN, "--output_dir", str(output_dir), "--max_train_steps", "4", "--resume_from_checkpoint",
+                      "latest", *RUN], check=False)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "Cannot resume from" in result.stderr and "checkpoint-2" in result.stderr
+
+
+def test_resume_with_another_global_batch_is_refused(finished_run, tmp_path):
+    output_dir = copy_of(finished_run, tmp_path)
+    result = run_cli([*TRAIN, "--output_dir", str(output_dir), "--max_train_steps", "4", "--resume_from_checkpoint",
+                      "latest", *RUN, "--train_batch_size", "4"], check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert "global_batch_size was 8 and is now 4" in result.stderr and "Traceback" not in result.stderr

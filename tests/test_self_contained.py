@@ -1,0 +1,49 @@
+"""A saved pipeline folder carries its code: it loads with `DiffusionPipeline` where this package is not installed."""
+
+import json
+import shutil
+import sys
+
+from tests.conftest import cli_env, run_cli
+
+# Runs where `pipeline` cannot be imported: load the folder as remote code, sample, save it again.
+WITHOUT_PACKAGE = """
+import sys
+sys.modules["pipeline"] = None  # `import pipeline` raises ImportError
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+assert type(pipe).__module__.startswith("diffusers_modules."), type(pipe).__module__
+assert len(pipe([3, 7], num_inference_steps=2).images) == 2
+if len(sys.argv) > 2:
+    pipe.save_pretrained(sys.argv[2])
+"""
+
+# Runs with the package installed: our own classes, without trust_remote_code.
+WITH_PACKAGE = """
+import sys
+from pipeline import ClassConditionedDDIMPipeline, ClassConditionedUNet
+pipe = ClassConditionedDDIMPipeline.from_pretrained(sys.argv[1])
+assert type(pipe) is ClassConditionedDDIMPipeline and type(pipe.unet) is ClassConditionedUNet
+assert len(pipe([3, 7], num_inference_steps=2).images) == 2
+"""
+
+
+def test_saved_folder_loads_with_and_without_the_package(tmp_path, tiny_pipe):
+    tiny_pipe.save_pretrained(tmp_path / "model")
+    index = json.loads((tmp_path / "model" / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_class_conditioned_ddim", "ClassConditionedDDIMPipeline"]
+    assert index["unet"] == ["modeling_class_conditioned_unet", "ClassConditionedUNet"]
+
+    # Without the package, in a clean working directory and a private modules cache.
+    shutil.copytree(tmp_path / "model", tmp_path / "elsewhere" / "model")
+    script = tmp_path / "without_package.py"
+    script.write_text(WITHOUT_PACKAGE)
+    env = cli_env(HF_HOME=str(tmp_path / "hf"), PYTHONPATH="")
+    run_cli([sys.executable, str(script), "model", str(tmp_path / "resaved")], cwd=tmp_path / "elsewhere", env=env)
+    result = run_cli([sys.executable, str(script), str(tmp_path / "resaved")], cwd=tmp_path / "elsewhere", env=env)
+    assert "Expected types" not in result.stderr
+
+    # With the package: our own classes, no trust_remote_code, from both folders.
+    for folder in ("model", "resaved"):
+        result = run_cli([sys.executable, "-c", WITH_PACKAGE, str(tmp_path / folder)], env=env)
+        assert "Expected types" not in result.stderr

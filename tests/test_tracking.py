@@ -1,0 +1,85 @@
+"""Real W&B (offline) and TensorBoard logging from a real training run, read back from what they wrote."""
+
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from tests.conftest import TINY_TRAIN_FLAGS, accelerate_launch, cli_env
+from tests.tracking_records import wandb_config, wandb_history
+
+TRAIN_FLAGS = [
+    *TINY_TRAIN_FLAGS,
+    "--max_train_steps", "4", "--train_batch_size", "8", "--logging_steps", "1", "--validation_steps", "2",
+    "--validation_images_per_label", "3",  # overrides the 0 in TINY_TRAIN_FLAGS: metrics on
+    "--classifier_train_samples", "3000",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory, classifier_cache):
+    output_dir = tmp_path_factory.mktemp("logged") / "run"
+    home = tmp_path_factory.mktemp("home")  # no ~/.netrc: W&B has no login here
+    env = cli_env(HOME=str(home))
+    env.pop("WANDB_MODE")
+    env.pop("WANDB_API_KEY", None)
+    result = accelerate_launch("cpu.yaml", ["--output_dir", str(output_dir), "--report_to", "all",
+                                            "--run_name", "tiny-run", "--classifier_cache_dir", classifier_cache,
+                                            *TRAIN_FLAGS], env=env)  # fmt: skip
+    return output_dir, result.stdout + result.stderr
+
+
+def test_without_login_wandb_goes_offline_with_a_notice(logged_run):
+    output_dir, output = logged_run
+    assert "W&B: no login found" in output and "wandb sync" in output
+    assert len(list((output_dir / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_wandb_history_config_and_images(logged_run):
+    output_dir, _ = logged_run
+    (run_dir,) = (output_dir / "wandb").glob("offline-run-*")
+    rows = wandb_history(run_dir)
+    training_rows = [row for row in rows if "loss" in row]
+    assert [row["_step"] for row in training_rows] == [1, 2, 3, 4]
+    assert {"loss", "lr", "grad_norm", "images_per_s", "epoch"} <= set(training_rows[0])
+    validation_rows = [row for row in rows if "validation/cond_accuracy" in row]
+    assert [row["_step"] for row in validation_rows] == [2, 4]  # every --validation_steps and at the end
+    assert {"validation/fid", "validation/fid_real_floor"} <= set(validation_rows[0])
+    assert any("validation/samples/caption" in row and "one row per class" in row["validation/samples/caption"]
+               for row in rows)  # fmt: skip
+    images = list((run_dir / "files" / "media" / "images").rglob("*.png"))
+    assert len(images) == 2
+    config = wandb_config(run_dir)
+    assert config["learning_rate"] == 0.001 and config["train_batch_size"] == 8
+
+
+def test_tensorboard_events(logged_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output_dir, _ = logged_run
+    (event_file,) = (output_dir / "logs" / "class-conditioned-mnist").glob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file), size_guidance={"images": 0})
+    events.Reload()
+    assert {"loss", "lr", "grad_norm", "images_per_s", "validation/cond_accuracy"} <= set(events.Tags()["scalars"])
+    assert [event.step for event in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert [event.step for event in events.Images("validation/samples")] == [2, 4]
+
+
+def test_run_artifacts_in_the_output_folder(logged_run):
+    output_dir, _ = logged_run
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    assert summary["global_step"] == 4 and summary["images_per_s"] > 0
+    assert set(summary["final_metrics"]) == {"cond_accuracy", "fid", "fid_real_floor"}
+    assert Image.open(output_dir / "loss_curve.png").size == (700, 400)
+    # The validation grid: 10 rows (classes) x 2 columns of 28 px with 2 px padding.
+    assert Image.open(output_dir / "samples.png").size == (2 * 30 + 2, 10 * 30 + 2)
+
+
+def test_only_the_main_process_logs(tmp_path):
+    accelerate_launch("multi_cpu.yaml", ["--output_dir", str(tmp_path), "--report_to", "wandb", *TINY_TRAIN_FLAGS,
+                                         "--max_train_steps", "4", "--logging_steps", "1", "--train_batch_size",
+                                         "4"])  # fmt: skip
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")  # one run, not one per process
+    assert [row["_step"] for row in wandb_history(run_dir) if "loss" in row] == [1, 2, 3, 4]
+    assert os.path.exists(tmp_path / "samples.png")
