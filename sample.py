@@ -32,13 +32,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num_images_per_label", type=int, default=8, help="Images per label (grid columns).")
     parser.add_argument(
-        "--num_inference_steps", type=int, default=50, help="Denoising steps: more is cleaner and linearly slower."
+        "--num_inference_steps",
+        type=int,
+        default=None,
+        help="Denoising steps: more is cleaner and linearly slower (default: the model's saved default).",
     )
     parser.add_argument(
         "--guidance_scale",
         type=float,
-        default=1.0,
-        help="Classifier-free guidance scale (1 = off); needs a model trained with --class_dropout_prob.",
+        default=None,
+        help="Classifier-free guidance scale (1 = off; default: the model's saved default); needs a model trained "
+        "with --class_dropout_prob.",
     )
     parser.add_argument(
         "--scheduler", choices=sorted(SCHEDULERS), default=None, help="Sampler (default: the one saved with the model)."
@@ -58,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.num_images_per_label < 1:
         parser.error(f"--num_images_per_label must be at least 1, got {args.num_images_per_label}")
-    if args.num_inference_steps < 1:
+    if args.num_inference_steps is not None and args.num_inference_steps < 1:
         parser.error(f"--num_inference_steps must be at least 1, got {args.num_inference_steps}")
     return args
 

@@ -20,6 +20,9 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.presets import PRESETS
+from pipeline.schedulers import SCHEDULERS
+
 DEFAULT_DATASET = str(Path(__file__).resolve().parent / "data" / "mnist")
 
 
@@ -46,6 +49,14 @@ def probability(text: str) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="A measured recipe (see README): seed (the notebook's), quick (a 2-core CPU in under 15 minutes), "
+        "quality (one GPU). It sets defaults; flags given explicitly still win.",
+    )
+    parser.add_argument("--print_config", action="store_true", help="Print the resolved settings as JSON and exit.")
 
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -125,11 +136,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Noise schedule of the DDIMScheduler (the seed uses its default, linear).",
     )
     diffusion.add_argument(
+        "--prediction_type",
+        default="epsilon",
+        choices=["epsilon", "v_prediction"],
+        help="What the model predicts: the noise (the seed) or the velocity v (Salimans & Ho, 2022).",
+    )
+    diffusion.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR-gamma loss weighting (Hang et al., 2023; 5.0 is their choice); off by default.",
+    )
+    diffusion.add_argument(
         "--class_dropout_prob",
         type=probability,
         default=0.0,
         help="Probability of replacing a label by the 'no class' id, so that classifier-free "
         "guidance (guidance_scale > 1 when sampling) works; 0.1 is typical.",
+    )
+
+    sampling = parser.add_argument_group("sampling defaults saved with the pipeline")
+    sampling.add_argument(
+        "--default_scheduler", default="ddim", choices=sorted(SCHEDULERS), help="Sampler the saved pipeline uses."
+    )
+    sampling.add_argument(
+        "--default_num_inference_steps", type=positive_int, default=50, help="Steps when a call does not say."
+    )
+    sampling.add_argument(
+        "--default_guidance_scale", type=float, default=1.0, help="Guidance scale when a call does not say."
     )
 
     training = parser.add_argument_group("training")
@@ -165,6 +199,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=non_negative_int,
         default=0,
         help="Optimizer steps of linear LR warmup (for the *_with_warmup, linear and cosine schedules).",
+    )
+    training.add_argument(
+        "--micro_batch_size",
+        type=positive_int,
+        default=None,
+        help="Images per forward/backward pass; a batch is split into such passes with exactly the same result. "
+        "Default: the whole batch on a GPU, the largest divisor up to 128 on a CPU (faster per image there).",
     )
     training.add_argument(
         "--gradient_accumulation_steps", type=positive_int, default=1, help="Micro-steps per optimizer step."
@@ -205,6 +246,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ema_inv_gamma", type=float, default=1.0, help="EMA warmup: decay = 1 - (1 + step / inv_gamma) ** -power."
     )
     ema.add_argument("--ema_power", type=float, default=3 / 4, help="EMA warmup power (2/3 suits short runs).")
+
+    speed = parser.add_argument_group("speed (GPU)")
+    speed.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="Compile the model with torch.compile through accelerate (GPU: faster steps after a compile warm-up; "
+        "on a CPU it costs minutes and gains nothing).",
+    )
+    speed.add_argument(
+        "--compile_backend", default="inductor", help="torch.compile backend (inductor; aot_eager to debug)."
+    )
+    speed.add_argument(
+        "--compile_mode",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode; reduce-overhead adds CUDA graphs.",
+    )
+    speed.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls/convolutions on Ampere+ GPUs.")
 
     checkpoints = parser.add_argument_group("checkpoints")
     checkpoints.add_argument(
@@ -252,10 +311,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "reuses it from the cache.",
     )
     logging.add_argument(
-        "--validation_num_inference_steps", type=positive_int, default=50, help="Sampling steps for validation."
+        "--validation_num_inference_steps",
+        type=positive_int,
+        default=None,
+        help="Sampling steps for validation (default: --default_num_inference_steps).",
     )
     logging.add_argument(
-        "--validation_guidance_scale", type=float, default=1.0, help="Guidance scale for validation samples."
+        "--validation_guidance_scale",
+        type=float,
+        default=None,
+        help="Guidance scale for validation samples (default: --default_guidance_scale).",
     )
     logging.add_argument(
         "--classifier_cache_dir", default=None, help="Where the evaluation classifier is cached (default ~/.cache)."
@@ -268,6 +333,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
 
     args = parser.parse_args(argv)
+    if args.preset:
+        # Apply the preset as defaults, then parse again so that explicit flags override it.
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    if args.print_config:
+        print(json.dumps(vars(args), indent=2))
+        sys.exit(0)
     if args.model_config:
         try:
             with open(args.model_config) as file:
@@ -291,7 +363,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    from pipeline.training import TrainingError, train  # imported here so that --help answers at once
+    from pipeline.training import TrainingError, train
 
     try:
         train(args)

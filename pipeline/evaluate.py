@@ -29,12 +29,14 @@ DEFAULT_DATASET = "ylecun/mnist"
 def generate_for_evaluation(
     pipe: ClassConditionedDDIMPipeline,
     num_images_per_label: int,
-    num_inference_steps: int,
-    guidance_scale: float = 1.0,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 500,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images in [0, 1] and their requested labels, every class equally often, deterministic for a seed."""
+    """Images in [0, 1] and their requested labels, every class equally often, deterministic for a seed.
+
+    `None` steps or guidance use the pipeline's saved defaults."""
     num_classes = pipe.unet.config.num_classes
     labels = torch.arange(num_classes).repeat_interleave(num_images_per_label)
     batches = []
@@ -95,8 +97,8 @@ def evaluate(
     pipe: ClassConditionedDDIMPipeline,
     dataset: str = DEFAULT_DATASET,
     num_images_per_label: int = 100,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 1.0,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     seed: int = 0,
     classifier_cache_dir: str | None = None,
     classifier_train_samples: int | None = None,
@@ -120,8 +122,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: the bundled data/mnist when run from the repository, else ylecun/mnist).",
     )
     parser.add_argument("--num_images_per_label", type=int, default=100, help="Generated images per class.")
-    parser.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps.")
-    parser.add_argument("--guidance_scale", type=float, default=1.0, help="Classifier-free guidance scale.")
+    parser.add_argument(
+        "--num_inference_steps", type=int, default=None, help="Sampling steps (default: the pipeline's saved default)."
+    )
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="Classifier-free guidance scale (default: the pipeline's saved default).",
+    )
     parser.add_argument(
         "--scheduler",
         choices=sorted(SCHEDULERS),
@@ -139,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.num_images_per_label < 2:
         parser.error("--num_images_per_label must be at least 2 (FID needs a covariance)")
-    if args.num_inference_steps < 1:
+    if args.num_inference_steps is not None and args.num_inference_steps < 1:
         parser.error("--num_inference_steps must be at least 1")
     return args
 
@@ -166,7 +175,11 @@ def main(args: argparse.Namespace) -> None:
         classifier_cache_dir=args.classifier_cache_dir,
         classifier_train_samples=args.classifier_train_samples,
     )
-    settings = {key: getattr(args, key) for key in ("num_inference_steps", "guidance_scale", "seed")}
+    settings = {
+        "num_inference_steps": args.num_inference_steps or pipe.config.default_num_inference_steps,
+        "guidance_scale": args.guidance_scale or pipe.config.default_guidance_scale,
+        "seed": args.seed,
+    }
     scheduler = type(pipe.scheduler).__name__
     print(json.dumps({"model": args.model, "scheduler": scheduler, **settings, **results}))
 

@@ -78,9 +78,9 @@ def write_model_card(output_dir: str, config: dict, summary: dict, id2label: dic
     metrics = summary.get("final_metrics") or {}
     if metrics:
         metrics_text = (
-            f"On {config['validation_images_per_label']} images per class "
-            f"({config['validation_num_inference_steps']} {scheduler} steps, guidance scale "
-            f"{config['validation_guidance_scale']}), judged by an MNIST classifier:\n\n"
+            f"On {metrics['images_per_label']} images per class ({metrics['num_inference_steps']} "
+            f"{metrics['scheduler']} steps, guidance scale {metrics['guidance_scale']}), judged by an MNIST "
+            "classifier:\n\n"
             "| conditional accuracy | classifier FID | real-data FID floor |\n| --- | --- | --- |\n"
             f"| {metrics['cond_accuracy']:.4f} | {metrics['fid']:.2f} | {metrics['fid_real_floor']:.2f} |\n\n"
             "The floor is the FID of as many real training images: the best score at this sample size. "

@@ -55,6 +55,11 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
         scheduler ([`SchedulerMixin`]):
             A scheduler to denoise the images with. Trained with a [`DDIMScheduler`]; any diffusers scheduler built
             from its config works too (`DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`).
+        default_num_inference_steps (`int`, *optional*, defaults to 50):
+            Steps used when a call does not say; saved in `model_index.json`, so a training recipe can ship the
+            best measured setting with the model.
+        default_guidance_scale (`float`, *optional*, defaults to 1.0):
+            Classifier-free guidance scale used when a call does not say; saved likewise.
     """
 
     model_cpu_offload_seq = "unet"
@@ -62,11 +67,20 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
 
     # `unet: ModelMixin`, not `ClassConditionedUNet`: as remote code, diffusers loads the UNet from the copy in unet/,
     # a class object other than the one imported above, and would warn "Expected types for unet" on every load.
-    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin):
+    def __init__(
+        self,
+        unet: ModelMixin,
+        scheduler: SchedulerMixin,
+        default_num_inference_steps: int = 50,
+        default_guidance_scale: float = 1.0,
+    ):
         super().__init__()
         # Unlike diffusers' DDIMPipeline we keep the scheduler we are given: a saved pipeline may carry a faster
         # sampler as its default, and converting it back to DDIM on load would silently discard that choice.
         self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(
+            default_num_inference_steps=default_num_inference_steps, default_guidance_scale=default_guidance_scale
+        )
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -149,8 +163,8 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
         self,
         class_labels: int | str | list[int | str] | torch.Tensor,
         num_images_per_label: int = 1,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 1.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
@@ -167,12 +181,14 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
                 [`~ClassConditionedDDIMPipeline.labels`]).
             num_images_per_label (`int`, *optional*, defaults to 1):
                 Images per requested label; the output lists all images of the first label, then the second, and so on.
-            num_inference_steps (`int`, *optional*, defaults to 50):
-                Denoising steps. More steps usually give cleaner images, linearly slower.
-            guidance_scale (`float`, *optional*, defaults to 1.0):
+            num_inference_steps (`int`, *optional*, defaults to `None`):
+                Denoising steps. More steps usually give cleaner images, linearly slower. `None` uses the pipeline's
+                `default_num_inference_steps` (50 unless the training recipe saved another).
+            guidance_scale (`float`, *optional*, defaults to `None`):
                 Classifier-free guidance scale s (diffusers' convention; s = 1 + w of the CFG paper). `1.0` turns
                 guidance off; larger values follow the class more strictly at the cost of diversity. Needs a model
-                trained with class dropout.
+                trained with class dropout. `None` uses the pipeline's `default_guidance_scale` (1.0 unless the
+                training recipe saved another).
             eta (`float`, *optional*, defaults to 0.0):
                 The η of the [DDIM](https://huggingface.co/papers/2010.02502) paper: `0` is deterministic DDIM, `1`
                 is DDPM-like. Passed only to schedulers whose `step` accepts it.
@@ -197,6 +213,10 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the images, or `(images,)` when `return_dict` is `False`.
         """
         # 0. check inputs
+        if num_inference_steps is None:
+            num_inference_steps = self.config.default_num_inference_steps
+        if guidance_scale is None:
+            guidance_scale = self.config.default_guidance_scale
         if num_images_per_label < 1:
             raise ValueError(f"num_images_per_label must be at least 1, got {num_images_per_label}.")
         class_ids = [i for i in self.get_label_ids(class_labels) for _ in range(num_images_per_label)]

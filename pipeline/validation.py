@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from torchvision.utils import make_grid, save_image
 
 from .classifier import MNISTClassifier
 from .data import ImageClassData
 from .evaluate import generate_for_evaluation, score_images
+from .grid import labelled_grid
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
 
 logger = get_logger(__name__)
@@ -46,25 +46,6 @@ def prepare_trackers(args: argparse.Namespace) -> tuple[list[str], dict]:
     return trackers, {"wandb": wandb_kwargs}
 
 
-def validation_grid(
-    pipe: ClassConditionedDDIMPipeline,
-    images_per_class: int,
-    num_inference_steps: int,
-    guidance_scale: float,
-    seed: int,
-) -> torch.Tensor:
-    """One row per class, drawn from the same noise every time, so grids are comparable across steps and runs."""
-    images = pipe(
-        class_labels=list(range(pipe.unet.config.num_classes)),
-        num_images_per_label=images_per_class,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        generator=torch.Generator(device="cpu").manual_seed(seed),
-        output_type="pt",
-    ).images
-    return make_grid(images.float().cpu(), nrow=images_per_class, padding=2, pad_value=1.0)
-
-
 def log_validation(
     accelerator: Accelerator,
     pipe: ClassConditionedDDIMPipeline,
@@ -72,25 +53,32 @@ def log_validation(
     step: int,
     evaluation: tuple[MNISTClassifier, ImageClassData, ImageClassData] | None,
 ) -> dict:
-    """Main process only: log the grid (and metrics when `evaluation` is given); save the grid as a PNG too."""
+    """Main process only: log a grid with one row per class, drawn from the same noise every time so that grids
+    compare across steps and runs, and the metrics when `evaluation` is given. The grid is saved as samples.png.
+
+    Returns the metrics and the sampling settings they were measured with (empty without `evaluation`).
+    """
     pipe.set_progress_bar_config(disable=True)
-    grid = validation_grid(
-        pipe,
-        args.validation_grid_columns,
-        args.validation_num_inference_steps,
-        args.validation_guidance_scale,
-        args.seed,
-    )
-    grid_path = os.path.join(args.output_dir, "samples.png")
-    save_image(grid, grid_path)
+    num_inference_steps = args.validation_num_inference_steps or pipe.config.default_num_inference_steps
+    guidance_scale = args.validation_guidance_scale or pipe.config.default_guidance_scale
+    class_names = list(pipe.unet.config.id2label.values())
+    images = pipe(
+        class_labels=list(range(len(class_names))),
+        num_images_per_label=args.validation_grid_columns,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(args.seed),
+        output_type="pt",
+    ).images
+    grid = labelled_grid(images, class_names, columns=args.validation_grid_columns)
+    grid.save(os.path.join(args.output_dir, "samples.png"))
 
     metrics = {}
     if evaluation is not None:
         classifier, test, train = evaluation
         images, labels = generate_for_evaluation(
-            pipe, args.validation_images_per_label, args.validation_num_inference_steps,
-            args.validation_guidance_scale, seed=args.seed,
-        )  # fmt: skip
+            pipe, args.validation_images_per_label, num_inference_steps, guidance_scale, seed=args.seed
+        )
         scores = score_images(images, labels, classifier, test, train, seed=args.seed)
         metrics = {
             "cond_accuracy": scores["cond_accuracy"]["overall"],
@@ -98,19 +86,24 @@ def log_validation(
             "fid_real_floor": scores["fid_real_floor"],
         }
         accelerator.log({f"validation/{name}": value for name, value in metrics.items()}, step=step)
+        metrics.update(
+            images_per_label=args.validation_images_per_label,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            scheduler=type(pipe.scheduler).__name__,
+        )
 
-    caption = f"step {step}: one row per class ({', '.join(pipe.labels)}), fixed noise"
+    caption = f"step {step}: one row per class, fixed noise, {num_inference_steps} steps, guidance {guidance_scale}"
     if metrics:
         caption += f"; conditional accuracy {metrics['cond_accuracy']:.3f}, FID {metrics['fid']:.2f}"
-    grid_hwc = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
             import wandb
 
-            tracker.log({"validation/samples": wandb.Image(grid_hwc, caption=caption)}, step=step)
+            tracker.log({"validation/samples": wandb.Image(grid, caption=caption)}, step=step)
         elif tracker.name == "tensorboard":
-            tracker.writer.add_image("validation/samples", grid_hwc, step, dataformats="HWC")
-    logger.info(f"Validation at step {step}: {metrics or 'grid only'} -> {grid_path}")
+            tracker.writer.add_image("validation/samples", np.asarray(grid)[:, :, None], step, dataformats="HWC")
+    logger.info(f"Validation at step {step}: {metrics or 'grid only'}")
     return metrics
 
 

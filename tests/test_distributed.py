@@ -116,6 +116,16 @@ def test_gradient_accumulation_trains_the_same_model(single_process_run, tmp_pat
     assert difference < EQUIVALENCE_ATOL
 
 
+def test_micro_batches_train_the_same_model(single_process_run, tmp_path):
+    # What the CPU default does with large batches: passes of a few images, one optimizer step per batch.
+    accelerate_launch("cpu.yaml", ["--output_dir", str(tmp_path), "--train_batch_size", "8", "--micro_batch_size",
+                                   "2", "--max_train_steps", "8", *RUN_FLAGS])  # fmt: skip
+    assert summary(tmp_path)["global_batch_size"] == 8
+    difference = max_difference(unet_weights(tmp_path), unet_weights(single_process_run))
+    print(f"max |w(1 x 8 in micro-batches of 2) - w(1 x 8)| = {difference:.3g}")
+    assert difference < EQUIVALENCE_ATOL
+
+
 def test_plain_multi_gpu_flag_on_a_cpu_machine_is_real_data_parallelism(single_process_run, tmp_path):
     # The set-up that silently trains two independent models with a naive script.
     accelerate_launch(

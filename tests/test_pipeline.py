@@ -189,3 +189,20 @@ def test_pickle_weights_are_refused(tmp_path, tiny_pipe):
     weights.unlink()
     with pytest.raises(OSError, match="safetensors"):
         ClassConditionedDDIMPipeline.from_pretrained(tmp_path, use_safetensors=True)
+
+
+def test_saved_sampling_defaults_are_used_after_loading(tmp_path, tiny_unet):
+    pipe = ClassConditionedDDIMPipeline(tiny_unet, DDIMScheduler(), default_num_inference_steps=3,
+                                        default_guidance_scale=2.0)  # fmt: skip
+    set_scheduler(pipe, "dpm++")
+    pipe.save_pretrained(tmp_path)
+    loaded = ClassConditionedDDIMPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    calls = []
+    loaded.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    loaded([1], num_inference_steps=None)
+    assert calls == [2, 2, 2]  # 3 steps, each one batched call of cond + uncond
+    calls.clear()
+    loaded([1], num_inference_steps=2, guidance_scale=1.0)
+    assert calls == [1, 1]  # explicit arguments win

@@ -1,6 +1,9 @@
 """The repository keeps its promises: CI runs the README's test command, and every config parses."""
 
-from tests.conftest import REPO_ROOT
+import json
+import sys
+
+from tests.conftest import REPO_ROOT, run_cli
 
 
 def test_ci_runs_the_readme_test_command():
@@ -35,3 +38,32 @@ def test_slurm_script_launches_once_per_node():
     script = (REPO_ROOT / "accelerate_configs" / "slurm_multinode.sbatch").read_text()
     assert "--ntasks-per-node=1" in script and "srun" in script and "$SLURM_NODEID" in script
     assert "multi_node.yaml" in script
+
+
+def test_presets_name_real_flags_and_explicit_flags_win():
+    from pipeline.presets import PRESETS
+
+    def resolved(*flags: str) -> dict:
+        result = run_cli([sys.executable, "train_conditional.py", *flags, "--print_config"])
+        return json.loads(result.stdout)
+
+    plain = resolved()
+    # The seed preset is the script's plain defaults: the notebook's recipe.
+    assert {key: plain[key] for key in PRESETS["seed"]} == PRESETS["seed"]
+    for name, values in PRESETS.items():
+        assert set(values) <= set(plain), f"preset {name} sets unknown flags {set(values) - set(plain)}"
+        if name != "seed":
+            args = resolved("--preset", name, "--learning_rate", "0.5")
+            assert {key: args[key] for key in values if key != "learning_rate"} == {
+                key: value for key, value in values.items() if key != "learning_rate"
+            }
+            assert args["learning_rate"] == 0.5  # an explicit flag beats the preset
+
+
+def test_core_install_does_not_pull_the_demo():
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(REPO_ROOT / "setup.cfg")
+    assert "gradio" not in config["options"]["install_requires"]
+    assert "gradio" in config["options.extras_require"]["demo"]

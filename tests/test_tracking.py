@@ -70,10 +70,14 @@ def test_run_artifacts_in_the_output_folder(logged_run):
     output_dir, _ = logged_run
     summary = json.loads((output_dir / "training_summary.json").read_text())
     assert summary["global_step"] == 4 and summary["images_per_s"] > 0
-    assert set(summary["final_metrics"]) == {"cond_accuracy", "fid", "fid_real_floor"}
+    assert {"cond_accuracy", "fid", "fid_real_floor"} <= set(summary["final_metrics"])
+    assert summary["final_metrics"]["num_inference_steps"] == 2 and summary["final_metrics"]["images_per_label"] == 3
     assert Image.open(output_dir / "loss_curve.png").size == (700, 400)
-    # The validation grid: 10 rows (classes) x 2 columns of 28 px with 2 px padding.
-    assert Image.open(output_dir / "samples.png").size == (2 * 30 + 2, 10 * 30 + 2)
+    # The validation grid: 10 rows (classes) x 2 columns of 28 px with 2 px padding, class names at the left.
+    width, height = Image.open(output_dir / "samples.png").size
+    assert height == 10 * 30 + 2 and 2 * 30 + 2 < width < 2 * 30 + 2 + 30
+    card = (output_dir / "README.md").read_text()
+    assert "trust_remote_code=True" in card and "samples.png" in card and "conditional accuracy" in card
 
 
 def test_only_the_main_process_logs(tmp_path):
