@@ -72,6 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Train on the first N images only (quick experiments and tests).",
     )
     data.add_argument(
+        "--lazy_data",
+        action="store_true",
+        help="Read each batch from the memory-mapped datasets cache instead of holding the decoded split in memory "
+        "(automatic when it would take more than half of the free memory).",
+    )
+    data.add_argument(
         "--resolution",
         type=positive_int,
         default=28,

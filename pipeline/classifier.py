@@ -60,7 +60,7 @@ def fit_classifier(train: ImageClassData, epochs: int, seed: int, batch_size: in
         order = torch.randperm(len(train), generator=generator)
         for step in range(steps_per_epoch):
             indices = order[step * batch_size : (step + 1) * batch_size]
-            images = train.images[indices].float() / 255
+            images = train.take(indices).float() / 255
             # Random shifts of up to 2 pixels make the classifier judge shapes, not exact positions.
             shift = torch.randint(-2, 3, (2,), generator=generator).tolist()
             images = torch.roll(images, shifts=shift, dims=(2, 3))
@@ -76,7 +76,7 @@ def fit_classifier(train: ImageClassData, epochs: int, seed: int, batch_size: in
 def accuracy(classifier: MNISTClassifier, data: ImageClassData, batch_size: int = 1000) -> float:
     correct = 0
     for start in range(0, len(data), batch_size):
-        images = data.images[start : start + batch_size].float() / 255
+        images = data.take(torch.arange(start, min(start + batch_size, len(data)))).float() / 255
         correct += (classifier.classify(images).argmax(1) == data.labels[start : start + batch_size]).sum().item()
     return correct / len(data)
 
@@ -108,7 +108,7 @@ def load_or_train_classifier(
 
     train = load_split(dataset, "train")
     if max_train_samples:
-        train = ImageClassData(train.images[:max_train_samples], train.labels[:max_train_samples], train.label_names)
+        train = train.subset(max_train_samples)
     logger.warning(f"Training the evaluation classifier on {len(train)} images (once; cached in {folder}).")
     classifier = fit_classifier(train, epochs=epochs, seed=seed)
     record = {

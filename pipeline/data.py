@@ -1,6 +1,9 @@
 """Image-classification datasets (MNIST by default) through Hugging Face `datasets`, decoded once into tensors.
 
 The same `datasets.load_dataset(...)` call serves a Hub id (`ylecun/mnist`) and a local folder in that layout.
+A split is decoded once (cached on disk by `datasets`) and held in memory as a uint8 tensor; a split whose decoded
+images would not fit comfortably in memory stays in the memory-mapped Arrow cache instead and each batch is read
+from it on demand, with the same order, results and exact resume.
 """
 
 import logging
@@ -19,14 +22,31 @@ LABEL_COLUMN = "label"
 
 @dataclass
 class ImageClassData:
-    """A whole split held in memory: MNIST's 60,000 training images take 47 MB as uint8."""
+    """A split as uint8 images (N, 1, H, W), int64 labels and the class names. MNIST's 60,000 training images take
+    47 MB: `images` is then a tensor. For splits too large for memory it is the decoded, memory-mapped Arrow table,
+    and `take` reads just the rows asked for."""
 
-    images: torch.Tensor  # uint8, (N, 1, resolution, resolution), 0..255
+    images: torch.Tensor | datasets.Dataset  # uint8, (N, 1, resolution, resolution), 0..255
     labels: torch.Tensor  # int64, (N,)
     label_names: list[str]  # label_names[class_id] is the dataset's name for that class
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.images, torch.Tensor)
+
+    def take(self, indices: torch.Tensor) -> torch.Tensor:
+        """The uint8 images at `indices`, from memory or from the memory-mapped Arrow cache."""
+        if self.in_memory:
+            return self.images[indices]
+        return self.images[indices.tolist()]["pixels"]
+
+    def subset(self, count: int) -> "ImageClassData":
+        """The first `count` rows."""
+        return ImageClassData(self.images[:count] if self.in_memory else self.images.select(range(count)),
+                              self.labels[:count], self.label_names)  # fmt: skip
 
 
 def load_image_class_dataset(dataset: str) -> datasets.DatasetDict:
@@ -70,8 +90,16 @@ def label_names_of(split: datasets.Dataset) -> list[str]:
     return [str(class_id) for class_id in range(max(split[LABEL_COLUMN]) + 1)]
 
 
-def load_split(dataset: str, split: str = "train", resolution: int = 28) -> ImageClassData:
-    """Decode one split into a uint8 image tensor and an int64 label tensor.
+def fits_in_memory(num_bytes: int) -> bool:
+    """Whether `num_bytes` take at most half of the memory available now."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return num_bytes <= available // 2
+
+
+def load_split(
+    dataset: str, split: str = "train", resolution: int = 28, in_memory: bool | None = None
+) -> ImageClassData:
+    """Decode one split into uint8 images and int64 labels.
 
     Decoding runs once through `Dataset.map`, whose result `datasets` caches on disk under the dataset's fingerprint:
     later runs load the cached arrays (~0.2 s for MNIST's train split) instead of decoding 60,000 PNGs (~4 s).
@@ -84,6 +112,10 @@ def load_split(dataset: str, split: str = "train", resolution: int = 28) -> Imag
             Which split to load.
         resolution (`int`, *optional*, defaults to 28):
             Height and width of the returned images.
+        in_memory (`bool`, *optional*):
+            Hold the images in memory (`True`) or read them from the memory-mapped cache per batch (`False`). By
+            default: in memory when the decoded split takes at most half of the memory available, with a notice
+            otherwise.
 
     Returns:
         [`ImageClassData`]: images, labels and the label names.
@@ -125,6 +157,14 @@ def load_split(dataset: str, split: str = "train", resolution: int = 28) -> Imag
         features=features,
         desc=f"Decoding {split} images",
     )
-    images = decoded.with_format("torch", columns=["pixels"], dtype=torch.uint8)[:]["pixels"]
     labels = decoded.with_format("torch", columns=[LABEL_COLUMN], dtype=torch.int64)[:][LABEL_COLUMN]
+    pixels = decoded.with_format("torch", columns=["pixels"], dtype=torch.uint8)
+    if in_memory is None:
+        in_memory = fits_in_memory(len(decoded) * resolution * resolution)
+        if not in_memory:
+            logger.warning(
+                f"The decoded {split} split ({len(decoded) * resolution**2 / 2**30:.1f} GiB) would take more than half "
+                "of the free memory: reading each batch from the memory-mapped datasets cache instead."
+            )
+    images = pixels[:]["pixels"] if in_memory else pixels
     return ImageClassData(images=images, labels=labels, label_names=label_names_of(data))

@@ -74,8 +74,8 @@ def score_images(
     # the main process evaluates during training: syncing metric state across processes would deadlock.
     metric = FrechetInceptionDistance(feature=classifier, reset_real_features=False, sync_on_compute=False)
     with torch.no_grad():
-        for batch in test.images.split(1000):
-            metric.update(batch.float() / 255, real=True)
+        for batch in torch.arange(len(test)).split(1000):
+            metric.update(test.take(batch).float() / 255, real=True)
 
     def frechet_distance(generated: torch.Tensor) -> float:
         metric.reset()  # drops the previous generated features only
@@ -88,7 +88,7 @@ def score_images(
     return {
         "cond_accuracy": {"overall": round(correct.float().mean().item(), 4), "per_class": per_class},
         "fid": frechet_distance(images),
-        "fid_real_floor": frechet_distance(train.images[real_indices].float() / 255),
+        "fid_real_floor": frechet_distance(train.take(real_indices).float() / 255),
         "num_images": len(images),
     }
 

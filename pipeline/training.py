@@ -208,11 +208,13 @@ def train(args: argparse.Namespace) -> None:
         )
     prepare_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
 
-    # 2. data: decoded once into a uint8 tensor that lives on the training device
+    # 2. data: decoded once into a uint8 tensor that lives on the training device (or, for a split too large for
+    # memory, read per batch from the memory-mapped datasets cache)
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others reuse it
-        train_data = load_split(args.dataset, "train", args.resolution)
+        train_data = load_split(args.dataset, "train", args.resolution, in_memory=False if args.lazy_data else None)
     num_samples = min(len(train_data), args.max_train_samples or len(train_data))
-    images = train_data.images[:num_samples].to(accelerator.device)
+    if train_data.in_memory:
+        images_on_device = train_data.images[:num_samples].to(accelerator.device)
     class_labels_all = train_data.labels[:num_samples].to(accelerator.device)
 
     # 3. model (built after set_seed so the seed also fixes the initial weights), EMA, noise scheduler, optimizer
@@ -349,12 +351,15 @@ def train(args: argparse.Namespace) -> None:
             permutation_epoch = epoch
             permutation = epoch_permutation(args.seed, epoch, num_samples).to(accelerator.device)
         global_indices = permutation[batch_in_epoch * global_batch_size : (batch_in_epoch + 1) * global_batch_size]
+        if train_data.in_memory:
+            global_images = images_on_device[global_indices]
+        else:
+            global_images = train_data.take(global_indices.cpu()).to(accelerator.device)
+        global_labels = class_labels_all[global_indices]
 
         # Noise, timesteps and class dropout for the whole global batch; each process slices its own part.
         generator = global_step_generator(args.seed, global_step, accelerator.device)
-        global_noise = torch.randn(
-            (global_batch_size, *images.shape[1:]), generator=generator, device=accelerator.device
-        )
+        global_noise = torch.randn(global_images.shape, generator=generator, device=accelerator.device)
         global_timesteps = torch.randint(
             0, args.num_train_timesteps, (global_batch_size,), generator=generator, device=accelerator.device
         )
@@ -366,10 +371,9 @@ def train(args: argparse.Namespace) -> None:
             # Chunk order (micro step, then process) matches how accelerate shards a dataloader's batches.
             chunk = micro_step * accelerator.num_processes + accelerator.process_index
             local = slice(chunk * micro_batch_size, (chunk + 1) * micro_batch_size)
-            indices = global_indices[local]
             with accelerator.accumulate(model):
-                clean_images = images[indices].float() / 127.5 - 1  # uint8 0..255 -> [-1, 1], as in the seed
-                class_labels = torch.where(global_dropped[local], null_class_id, class_labels_all[indices])
+                clean_images = global_images[local].float() / 127.5 - 1  # uint8 0..255 -> [-1, 1], as in the seed
+                class_labels = torch.where(global_dropped[local], null_class_id, global_labels[local])
                 noise = global_noise[local]
                 timesteps = global_timesteps[local]
                 # forward diffusion process: add noise to the clean images according to each timestep

@@ -61,3 +61,13 @@ def test_hub_id_goes_through_load_dataset(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match="Could not load dataset 'ylecun/mnist'"):
         load_split("ylecun/mnist")
+
+
+def test_lazy_split_reads_the_same_images_on_demand():
+    in_memory = load_split(DATASET, "test")
+    lazy = load_split(DATASET, "test", in_memory=False)
+    assert in_memory.in_memory and not lazy.in_memory
+    indices = torch.tensor([9999, 0, 17, 17, 4242])
+    assert torch.equal(lazy.take(indices), in_memory.take(indices))
+    assert torch.equal(lazy.labels, in_memory.labels)
+    assert torch.equal(lazy.subset(5).take(torch.arange(5)), in_memory.images[:5])

@@ -126,6 +126,14 @@ def test_micro_batches_train_the_same_model(single_process_run, tmp_path):
     assert difference < EQUIVALENCE_ATOL
 
 
+def test_lazy_data_trains_the_identical_model(single_process_run, tmp_path):
+    # What a split too large for memory gets: batches read from the memory-mapped cache, same order, same bits.
+    accelerate_launch("cpu.yaml", ["--output_dir", str(tmp_path), "--train_batch_size", "8", "--max_train_steps", "8",
+                                   "--lazy_data", *RUN_FLAGS])  # fmt: skip
+    lazy, in_memory = unet_weights(tmp_path), unet_weights(single_process_run)
+    assert all(torch.equal(lazy[name], tensor) for name, tensor in in_memory.items())
+
+
 def test_plain_multi_gpu_flag_on_a_cpu_machine_is_real_data_parallelism(single_process_run, tmp_path):
     # The set-up that silently trains two independent models with a naive script.
     accelerate_launch(
