@@ -19,7 +19,14 @@ SCHEDULERS = {
 
 
 def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
-    """Replace `pipe.scheduler` by the sampler `name`, built from the same noise schedule (its config)."""
+    """Replace `pipe.scheduler` by the sampler `name`, built from the same noise schedule (its config).
+
+    The timestep spacing is carried over explicitly: `from_config` drops values the old scheduler only took by
+    default, and DPM-Solver's and UniPC's own default ("linspace") starts sampling at the last training step, where a
+    cosine schedule leaves almost no signal and an epsilon-predicting model's image estimate blows up (measured: 28 %
+    conditional accuracy instead of 96 % for the `quick` preset).
+    """
     if name not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}.")
-    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+    config = pipe.scheduler.config
+    pipe.scheduler = SCHEDULERS[name].from_config(config, timestep_spacing=config.get("timestep_spacing", "leading"))

@@ -244,6 +244,7 @@ def train(args: argparse.Namespace) -> None:
         num_train_timesteps=args.num_train_timesteps,
         beta_schedule=args.beta_schedule,
         prediction_type=args.prediction_type,
+        timestep_spacing="leading",  # DDIM's default, written out so the saved config and every sampler keep it
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
 
