@@ -45,6 +45,16 @@ From the command line: `python sample.py --model {repo} --class_labels 3 7 --out
 
 Classes: {classes}.
 
+## Demo
+
+In the project's repository, `pip install -e ".[demo]" && python app.py --model {repo}` serves a page on
+http://127.0.0.1:7860: pick digits (or type `2026`), watch them being denoised, download the grid.
+
+As a Hugging Face Space: create a Space with the Gradio SDK holding the project's `app.py` and `pipeline/` folder
+and a `requirements.txt` with `torch`, `torchvision`, `diffusers` and `safetensors`, then set the Space variable
+`MODEL` to this model's id. The app reads `MODEL`, and listens where the Space tells it (`GRADIO_SERVER_NAME`,
+`GRADIO_SERVER_PORT`).
+
 ## Training
 
 Dataset: {dataset}. {training_line}

@@ -78,6 +78,7 @@ def test_run_artifacts_in_the_output_folder(logged_run):
     assert height == 10 * 30 + 2 and 2 * 30 + 2 < width < 2 * 30 + 2 + 30
     card = (output_dir / "README.md").read_text()
     assert "trust_remote_code=True" in card and "samples.png" in card and "conditional accuracy" in card
+    assert "python app.py --model" in card and "Hugging Face Space" in card  # how to run the demo, also as a Space
 
 
 def test_only_the_main_process_logs(tmp_path):
