@@ -23,6 +23,7 @@ from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
 from diffusers import DDIMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.utils.torch_utils import is_compiled_module
 from tqdm.auto import tqdm
 
 from .checkpointing import (
@@ -468,6 +469,7 @@ def train(args: argparse.Namespace) -> None:
             "distributed_type": str(accelerator.distributed_type.value),
             "mixed_precision": accelerator.mixed_precision,
             "device": accelerator.device.type,
+            "compiled": is_compiled_module(model),  # what prepare() returned, not just what was asked for
             "wall_time_s": round(time.perf_counter() - started, 2),
             "train_loop_s": round(loop_time, 2),
             "images_per_s": round((global_step - first_step) * global_batch_size / loop_time, 2),
