@@ -75,9 +75,9 @@ def fit_classifier(train: ImageClassData, epochs: int, seed: int, batch_size: in
 @torch.no_grad()
 def accuracy(classifier: MNISTClassifier, data: ImageClassData, batch_size: int = 1000) -> float:
     correct = 0
-    for start in range(0, len(data), batch_size):
-        images = data.take(torch.arange(start, min(start + batch_size, len(data)))).float() / 255
-        correct += (classifier.classify(images).argmax(1) == data.labels[start : start + batch_size]).sum().item()
+    for indices in torch.arange(len(data)).split(batch_size):
+        images = data.take(indices).float() / 255
+        correct += (classifier.classify(images).argmax(1) == data.labels[indices]).sum().item()
     return correct / len(data)
 
 

@@ -73,9 +73,8 @@ def score_images(
     # The test split's features are computed once and kept (reset_real_features=False) for both distances. Only
     # the main process evaluates during training: syncing metric state across processes would deadlock.
     metric = FrechetInceptionDistance(feature=classifier, reset_real_features=False, sync_on_compute=False)
-    with torch.no_grad():
-        for batch in torch.arange(len(test)).split(1000):
-            metric.update(test.take(batch).float() / 255, real=True)
+    for batch in torch.arange(len(test)).split(1000):
+        metric.update(test.take(batch).float() / 255, real=True)
 
     def frechet_distance(generated: torch.Tensor) -> float:
         metric.reset()  # drops the previous generated features only
