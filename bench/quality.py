@@ -1,24 +1,52 @@
-"""Train one recipe and evaluate it: wall time, conditional accuracy and classifier FID, as one JSON row.
+"""Train one recipe and evaluate it under the held-out protocol; append the measured row to bench/results/.
 
-    python bench/quality.py --name quick -- --preset quick
-    python bench/quality.py --name seed --eval "ddim:50" "dpm++:10" -- --preset seed
+    python bench/quality.py --name quick --eval dpm++:20:2 --cas 100 -- --preset quick
+    python bench/quality.py --name quick --skip_training --reference validation --eval dpm++:20:1.5 dpm++:20:3
 
-Everything after `--` goes to train_conditional.py (run through `accelerate launch` with the given config). Each
-evaluation is `sampler:steps[:guidance]`. Rows are appended to --results (JSON lines) and printed; the last line of
-the output is a JSON object of the whole run.
+Everything after `--` goes to train_conditional.py (run through `accelerate launch` with the given config, into
+OUTPUT_ROOT/NAME). Each evaluation is `sampler:steps[:guidance]` (guidance: the saved default when left out), run by
+`python -m pipeline.evaluate` with every --seeds seed against --reference (test for reporting, validation for
+tuning). The row holds this command exactly, its commit, date and machine (see provenance.py), the measured training
+wall time and the run's `training_summary.json`; README's tables are rendered from such rows by bench/report.py.
 """
 
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
+from provenance import append_row, run_record
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def train(output_dir: Path, config: str, train_args: list[str]) -> float:
+    """Run train_conditional.py through `accelerate launch`; return its measured wall time in seconds."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO_ROOT / "accelerate_configs" / config), str(REPO_ROOT / "train_conditional.py"),
+               "--output_dir", str(output_dir), "--overwrite_output_dir", *train_args]  # fmt: skip
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    return round(time.perf_counter() - started, 1)
+
+
+def evaluate(output_dir: Path, spec: str, args: argparse.Namespace, cas: int | None) -> dict:
+    """One `sampler:steps[:guidance]` evaluation by `python -m pipeline.evaluate`, with its measured wall time."""
+    sampler, steps, *guidance = spec.split(":")
+    command = [sys.executable, "-m", "pipeline.evaluate", "--model", str(output_dir), "--scheduler", sampler,
+               "--num_inference_steps", steps, "--num_images_per_label", str(args.num_images_per_label),
+               "--reference", args.reference, "--seeds", *map(str, args.seeds)]  # fmt: skip
+    if guidance:
+        command += ["--guidance_scale", guidance[0]]
+    if cas:
+        command += ["--cas", str(cas)]
+    started = time.perf_counter()
+    result = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    evaluation = json.loads(result.stdout.strip().splitlines()[-1])
+    return {**evaluation, "sampler": sampler, "eval_wall_s": round(time.perf_counter() - started, 1)}
 
 
 def main() -> None:
@@ -26,81 +54,36 @@ def main() -> None:
     parser.add_argument("--name", required=True, help="Name of the row (and of the output folder).")
     parser.add_argument("--config", default="cpu.yaml", help="accelerate config in accelerate_configs/.")
     parser.add_argument("--eval", nargs="+", default=["ddim:50"], help="sampler:steps[:guidance] to evaluate.")
-    parser.add_argument("--num_images_per_label", type=int, default=100, help="Images per class for evaluation.")
+    parser.add_argument("--reference", choices=["test", "validation"], default="test", help="Evaluation reference.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Sampling seeds of each evaluation.")
+    parser.add_argument("--num_images_per_label", type=int, default=100, help="Images per class and seed.")
+    parser.add_argument("--cas", type=int, default=None, metavar="N", help="CAS, N images per class (1st --eval).")
     parser.add_argument("--output_root", default="output/bench", help="Where the trained pipelines go.")
     parser.add_argument("--results", default="bench/results/quality.jsonl", help="JSON-lines file to append to.")
     parser.add_argument("--skip_training", action="store_true", help="Evaluate an existing output folder.")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then train_conditional.py flags.")
     args = parser.parse_args()
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    output_dir = Path(args.output_root) / args.name
+    output_dir = Path(args.output_root).resolve() / args.name
 
-    row = {
-        "name": args.name,
-        "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "train_args": train_args,
-        "accelerate_config": args.config,
-    }
-    if not args.skip_training:
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(REPO_ROOT / "accelerate_configs" / args.config),
-            str(REPO_ROOT / "train_conditional.py"),
-            "--output_dir",
-            str(output_dir),
-            "--overwrite_output_dir",
-            *train_args,
-        ]
-        started = time.perf_counter()
-        subprocess.run(command, check=True, env=dict(os.environ, TQDM_DISABLE="1"))
-        row["train_wall_s"] = round(time.perf_counter() - started, 1)
+    row = {"name": args.name, "provenance": run_record(), "accelerate_config": args.config, "train_args": train_args}
+    row["train_wall_s"] = None if args.skip_training else train(output_dir, args.config, train_args)
     summary_path = output_dir / "training_summary.json"
-    if summary_path.exists():
-        row["training_summary"] = json.loads(summary_path.read_text())
+    if summary_path.exists():  # the run's own record: total time over resumed segments, steps, batch, final loss
+        summary = json.loads(summary_path.read_text())
+        summary.pop("loss_history", None)
+        row["training_summary"] = summary
 
     row["evaluations"] = []
-    for spec in args.eval:
-        sampler, steps, *guidance = spec.split(":")
-        command = [
-            sys.executable,
-            "-m",
-            "pipeline.evaluate",
-            "--model",
-            str(output_dir),
-            "--scheduler",
-            sampler,
-            "--num_inference_steps",
-            steps,
-            "--guidance_scale",
-            guidance[0] if guidance else "1.0",
-            "--num_images_per_label",
-            str(args.num_images_per_label),
-        ]
-        started = time.perf_counter()
-        result = subprocess.run(command, check=True, capture_output=True, text=True)
-        evaluation = json.loads(result.stdout.strip().splitlines()[-1])
-        evaluation["sampler"], evaluation["eval_wall_s"] = sampler, round(time.perf_counter() - started, 1)
+    for index, spec in enumerate(args.eval):
+        evaluation = evaluate(output_dir, spec, args, args.cas if index == 0 else None)
+        evaluation.pop("per_seed")  # the mean and std stay; every seed's figures are in the evaluator's output
         row["evaluations"].append(evaluation)
-        print(
-            json.dumps(
-                {
-                    "sampler": sampler,
-                    "steps": steps,
-                    "acc": evaluation["cond_accuracy"]["overall"],
-                    "fid": evaluation["fid"],
-                    "floor": evaluation["fid_real_floor"],
-                }
-            ),
-            flush=True,
-        )
+        print(json.dumps({"eval": spec, "cond_accuracy": evaluation["cond_accuracy"]["mean"],
+                          "fid": evaluation["fid"]["mean"], "floor": evaluation["fid_real_floor"]["mean"]}),
+              flush=True)  # fmt: skip
 
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results, "a") as file:
-        file.write(json.dumps(row) + "\n")
+    append_row(args.results, row)
     print(json.dumps(row))
 
 

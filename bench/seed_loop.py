@@ -66,9 +66,10 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3, help="Training steps to time (the seed trains 1,170).")
     parser.add_argument("--dataset", default=str(Path(__file__).resolve().parent.parent / "data" / "mnist"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Where to train.")
     args = parser.parse_args()
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device
     train = load_split(args.dataset, "train")
     train_dataloader = DataLoader(SeedMNIST(train.images, train.labels), batch_size=args.batch_size, shuffle=True)
     noise_scheduler = DDIMScheduler()

@@ -6,7 +6,8 @@
 Both loops train the seed model (channels 32, 64, 64; the seed's attention) in float32 with Adam; ours runs as
 `train_conditional.py` under `accelerate launch` with its defaults (on a CPU: micro-batches of up to 128 images, the
 same numerics as one big batch). Each measurement runs in its own process; images/s counts the training loop only.
-The last line is one JSON object with every figure and ratio.
+The run is appended as one JSON line, with its provenance (command, commit, date, machine), to --results, from which
+bench/report.py renders README's table; the last line printed is that row.
 """
 
 import argparse
@@ -19,15 +20,18 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import append_row, run_record
 
 from pipeline.data import load_split
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = REPO_ROOT / "bench" / "results" / "train_throughput.jsonl"
 
 
 def seed_loop(batch_size: int, steps: int) -> dict:
+    # On the CPU like ours (accelerate_configs/cpu.yaml), even where a GPU is present.
     command = [sys.executable, str(REPO_ROOT / "bench" / "seed_loop.py"), "--batch_size", str(batch_size),
-               "--steps", str(steps)]  # fmt: skip
+               "--steps", str(steps), "--device", "cpu"]  # fmt: skip
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -61,11 +65,14 @@ def loader_throughput(batch_size: int = 512, batches: int = 200) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--name", default="default", help="Name of the row (README shows the latest of each name).")
     parser.add_argument("--quick", action="store_true", help="Fewer steps per measurement (about 3 minutes).")
+    parser.add_argument("--results", default=str(RESULTS), help="JSON-lines file to append to.")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="More train_conditional.py flags.")
     args = parser.parse_args()
     steps = {128: 4 if args.quick else 10, 512: 2 if args.quick else 4}
 
+    provenance = run_record()  # taken first: the code measured is the code at the start of the run
     figures = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
     for batch_size, count in steps.items():
         seed = seed_loop(batch_size, count)
@@ -85,7 +92,9 @@ def main() -> None:
     figures["loader_vs_train_ratio"] = round(figures["loader_img_s"] / figures["batch_512"]["ours_img_s"])
     print(f"data: cached load {figures['load_cached_s']} s, loader {figures['loader_img_s']} img/s = "
           f"{figures['loader_vs_train_ratio']}x our training speed at batch 512")  # fmt: skip
-    print(json.dumps(figures))
+    row = {"name": args.name, "provenance": provenance, "quick": args.quick, "extra": args.extra, **figures}
+    append_row(args.results, row)
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":

@@ -141,8 +141,9 @@ def save_pipeline(pipeline: DiffusionPipeline, output_dir: str) -> None:
     os.rmdir(staging)
 
 
-def load_checkpoint(accelerator: Accelerator, path: str, run_state: dict) -> int:
-    """Restore a checkpoint written by `save_checkpoint` and return its global step.
+def load_checkpoint(accelerator: Accelerator, path: str, run_state: dict) -> dict:
+    """Restore a checkpoint written by `save_checkpoint` and return its `training_state.json` (global step, run state,
+    and the training time of the segments before it).
 
     The data order and every step's noise are functions of the seed and of the global batch, so a checkpoint only
     continues exactly under the same values; anything else stops with the flags that would match.
@@ -165,4 +166,4 @@ def load_checkpoint(accelerator: Accelerator, path: str, run_state: dict) -> int
             f"Cannot resume from {path}: it is damaged or belongs to another model ({type(error).__name__}: "
             f"{error}). Resume from an older one with --resume_from_checkpoint PATH, or start a new --output_dir."
         ) from error
-    return saved_state["global_step"]
+    return saved_state

@@ -6,6 +6,7 @@ images would not fit comfortably in memory stays in the memory-mapped Arrow cach
 from it on demand, with the same order, results and exact resume.
 """
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -18,6 +19,12 @@ logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
+
+# The held-out protocol (README "Evaluation"): the train split is cut once into a *fit* part, the only images the
+# evaluation classifier learns from, and a *validation* part, the reference for every tuning decision. The cut is
+# stratified by class and fixed by this seed, so every run, cache and result row means the same images.
+VALIDATION_FRACTION = 1 / 6  # MNIST: 50,000 fit and 10,000 validation images
+VALIDATION_SPLIT_SEED = 0
 
 
 @dataclass
@@ -45,8 +52,36 @@ class ImageClassData:
 
     def subset(self, count: int) -> "ImageClassData":
         """The first `count` rows."""
-        return ImageClassData(self.images[:count] if self.in_memory else self.images.select(range(count)),
-                              self.labels[:count], self.label_names)  # fmt: skip
+        return self.select(torch.arange(min(count, len(self))))
+
+    def select(self, indices: torch.Tensor) -> "ImageClassData":
+        """The rows at `indices`, in that order."""
+        images = self.images[indices] if self.in_memory else self.images.select(indices.tolist())
+        return ImageClassData(images, self.labels[indices], self.label_names)
+
+
+def fit_validation_indices(
+    labels: torch.Tensor, fraction: float = VALIDATION_FRACTION, seed: int = VALIDATION_SPLIT_SEED
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Cut a train split into *fit* and *validation* row indices (both sorted), stratified by class.
+
+    Each class gives `round(fraction * its size)` rows, drawn by a permutation seeded with `seed`. The returned record
+    (seed, fraction, sizes and a digest of the validation indices) names the cut in caches and result rows.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    validation = []
+    for class_id in labels.unique().tolist():
+        members = (labels == class_id).nonzero().squeeze(1)
+        members = members[torch.randperm(len(members), generator=generator)]
+        validation.append(members[: round(len(members) * fraction)])
+    validation = torch.cat(validation).sort().values
+    in_validation = torch.zeros(len(labels), dtype=torch.bool)
+    in_validation[validation] = True
+    fit = (~in_validation).nonzero().squeeze(1)
+    digest = hashlib.sha256(validation.numpy().astype("<i8").tobytes()).hexdigest()[:16]
+    record = {"seed": seed, "fraction": round(fraction, 6), "fit_size": len(fit), "validation_size": len(validation),
+              "validation_indices_sha256": digest}  # fmt: skip
+    return fit, validation, record
 
 
 def load_image_class_dataset(dataset: str) -> datasets.DatasetDict:

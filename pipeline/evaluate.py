@@ -1,28 +1,70 @@
-"""Evaluate a trained pipeline: how often a classifier agrees with the requested class, and classifier-space FID.
+"""Evaluate a trained pipeline under a held-out protocol: conditional accuracy, classifier-space FID, optionally CAS.
 
-    python -m pipeline.evaluate --model output/mnist-quick --num_images_per_label 100 --num_inference_steps 50
+    python -m pipeline.evaluate --model output/mnist-quick --seeds 0 1 2            # report: the test reference
+    python -m pipeline.evaluate --model output/mnist-quick --reference validation  # tuning: the validation one
+    python -m pipeline.evaluate --model output/mnist-quick --cas 100               # adds CAS
 
-prints one JSON object: `cond_accuracy` (overall and per class), `fid` (Frechet distance between the classifier's
-penultimate features of generated images and of the test split) and `fid_real_floor`, the same distance for as
-many real train images: the best a perfect generator could score at this sample size.
+The protocol (README "Evaluation"): the evaluation classifier learns from the *fit* part of the train split only.
+Generated images are compared with a *reference*: the validation part for every tuning decision, the test split
+for what is reported. The real-data floor is the same distance for as many real digits, with exactly the generated
+set's labels, drawn from the other held-out set (validation digits for the test reference, test digits for the
+validation reference): images the classifier never saw and that are not in the reference. Each sampling seed is
+scored on its own; the JSON printed gives the mean and standard deviation over the seeds and every seed's figures.
 """
 
 import argparse
 import json
 import logging
 import os
+import statistics
 import sys
+from dataclasses import dataclass
 
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from .classifier import MNISTClassifier, load_or_train_classifier
+from .classifier import MNISTClassifier, accuracy, fit_classifier, load_fit_and_validation, load_or_train_classifier
 from .data import ImageClassData, load_split
 from .loading import load_pipeline
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
 from .schedulers import SCHEDULERS, set_scheduler
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_DATASET = "ylecun/mnist"
+REFERENCES = ("test", "validation")
+
+
+@dataclass
+class EvaluationSet:
+    """What generated images are judged with and against: the classifier, the reference set and the floor's pool."""
+
+    classifier: MNISTClassifier
+    classifier_record: dict
+    reference_name: str  # "test" or "validation"
+    reference: ImageClassData
+    floor_source: str  # the other held-out set
+    floor_pool: ImageClassData
+    fit: ImageClassData  # what the classifier learned from: the pool of CAS's real-data ceiling
+
+
+def load_evaluation_set(
+    dataset: str,
+    reference: str = "test",
+    classifier_cache_dir: str | None = None,
+    classifier_train_samples: int | None = None,
+) -> EvaluationSet:
+    """The cached classifier (trained on first use) and the held-out sets for `reference` ("test" or "validation")."""
+    if reference not in REFERENCES:
+        raise ValueError(f"Unknown reference {reference!r}; use one of {list(REFERENCES)}.")
+    classifier, record = load_or_train_classifier(
+        dataset, cache_dir=classifier_cache_dir, max_train_samples=classifier_train_samples
+    )
+    fit, validation, _ = load_fit_and_validation(dataset)
+    test = load_split(dataset, "test")
+    held_out = {"test": test, "validation": validation}
+    floor_source = "validation" if reference == "test" else "test"
+    return EvaluationSet(classifier, record, reference, held_out[reference], floor_source, held_out[floor_source], fit)
 
 
 @torch.no_grad()
@@ -56,25 +98,37 @@ def generate_for_evaluation(
     return torch.cat(batches), labels
 
 
+def draw_like(pool: ImageClassData, labels: torch.Tensor, seed: int) -> ImageClassData:
+    """Real images from `pool` with exactly `labels` (so as class-balanced as the generated set), without repeats."""
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.empty_like(labels)
+    for class_id in labels.unique().tolist():
+        wanted = (labels == class_id).nonzero().squeeze(1)
+        members = (pool.labels == class_id).nonzero().squeeze(1)
+        if len(wanted) > len(members):
+            raise ValueError(
+                f"The real-data pool has only {len(members)} images of class {class_id}, fewer than the {len(wanted)} "
+                "asked for; lower --num_images_per_label."
+            )
+        indices[wanted] = members[torch.randperm(len(members), generator=generator)[: len(wanted)]]
+    return pool.select(indices)
+
+
 @torch.no_grad()
-def score_images(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    classifier: MNISTClassifier,
-    test: ImageClassData,
-    train: ImageClassData,
-    seed: int = 0,
-) -> dict:
-    """Conditional accuracy, FID against the test split, and the real-data FID floor at the same sample size."""
+def score_images(images: torch.Tensor, labels: torch.Tensor, evaluation_set: EvaluationSet, seed: int = 0) -> dict:
+    """Conditional accuracy, FID against the reference, and the real-data floor: the same distance for real digits
+    with the same labels, drawn from the floor's pool with `seed`."""
+    classifier = evaluation_set.classifier
     predictions = torch.cat([classifier.classify(batch).argmax(1) for batch in images.split(1000)])
     correct = predictions == labels
     per_class = {str(c): round(correct[labels == c].float().mean().item(), 4) for c in labels.unique().tolist()}
 
-    # The test split's features are computed once and kept (reset_real_features=False) for both distances. Only
-    # the main process evaluates during training: syncing metric state across processes would deadlock.
+    # The reference features are computed once and kept (reset_real_features=False) for both distances. Only the
+    # main process evaluates during training: syncing metric state across processes would deadlock.
     metric = FrechetInceptionDistance(feature=classifier, reset_real_features=False, sync_on_compute=False)
-    for batch in torch.arange(len(test)).split(1000):
-        metric.update(test.take(batch).float() / 255, real=True)
+    reference = evaluation_set.reference
+    for batch in torch.arange(len(reference)).split(1000):
+        metric.update(reference.take(batch).float() / 255, real=True)
 
     def frechet_distance(generated: torch.Tensor) -> float:
         metric.reset()  # drops the previous generated features only
@@ -82,33 +136,96 @@ def score_images(
             metric.update(batch, real=False)
         return round(metric.compute().item(), 4)
 
-    # The floor: as many real train images as generated ones, drawn with the evaluation seed.
-    real_indices = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: len(images)]
+    real = draw_like(evaluation_set.floor_pool, labels, seed)
     return {
         "cond_accuracy": {"overall": round(correct.float().mean().item(), 4), "per_class": per_class},
         "fid": frechet_distance(images),
-        "fid_real_floor": frechet_distance(train.take(real_indices).float() / 255),
+        "fid_real_floor": frechet_distance(real.take(torch.arange(len(real))).float() / 255),
         "num_images": len(images),
     }
+
+
+def mean_and_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (None for a single value), rounded for reading."""
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "std": round(statistics.stdev(values), 4) if len(values) > 1 else None,
+    }
+
+
+def summarize_seeds(per_seed: list[dict]) -> dict:
+    """Mean and standard deviation over the sampling seeds of every metric `score_images` gives."""
+    classes = per_seed[0]["cond_accuracy"]["per_class"]
+    return {
+        "cond_accuracy": {
+            **mean_and_std([scores["cond_accuracy"]["overall"] for scores in per_seed]),
+            "per_class": {
+                c: round(statistics.fmean(s["cond_accuracy"]["per_class"][c] for s in per_seed), 4) for c in classes
+            },
+        },
+        "fid": mean_and_std([scores["fid"] for scores in per_seed]),
+        "fid_real_floor": mean_and_std([scores["fid_real_floor"] for scores in per_seed]),
+    }
+
+
+def classification_accuracy_score(
+    images: torch.Tensor, labels: torch.Tensor, evaluation_set: EvaluationSet, seed: int = 0
+) -> dict:
+    """CAS (Ravuri & Vinyals, 2019): the evaluation classifier's architecture and recipe trained from scratch on
+    generated images, scored on the real reference set, beside the same training on as many real fit images with the
+    same labels (the ceiling at that size). Both take the evaluation classifier's number of optimizer steps."""
+    num_steps = evaluation_set.classifier_record["num_steps"]
+    label_names = evaluation_set.fit.label_names
+    # Quantised to uint8 like every real image (and like a saved PNG).
+    generated = ImageClassData((images * 255).round().to(torch.uint8), labels, label_names)
+    real = draw_like(evaluation_set.fit, labels, seed)
+    scores = {}
+    for name, data in (("generated", generated), ("real", real)):
+        classifier = fit_classifier(data, num_steps, seed=seed, description=f"CAS: classifier on {name} images")
+        scores[name] = round(accuracy(classifier, evaluation_set.reference), 4)
+    return {"images_per_class": len(labels) // len(labels.unique()), "reference": evaluation_set.reference_name,
+            **scores}  # fmt: skip
 
 
 def evaluate(
     pipe: ClassConditionedDDIMPipeline,
     dataset: str = DEFAULT_DATASET,
+    reference: str = "test",
+    seeds: tuple[int, ...] = (0,),
     num_images_per_label: int = 100,
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
-    seed: int = 0,
+    cas_images_per_label: int | None = None,
     classifier_cache_dir: str | None = None,
     classifier_train_samples: int | None = None,
 ) -> dict:
-    """Sample `num_images_per_label` images of every class with `pipe` and score them (see `score_images`)."""
-    classifier, record = load_or_train_classifier(
-        dataset, cache_dir=classifier_cache_dir, max_train_samples=classifier_train_samples
-    )
-    images, labels = generate_for_evaluation(pipe, num_images_per_label, num_inference_steps, guidance_scale, seed)
-    scores = score_images(images, labels, classifier, load_split(dataset, "test"), load_split(dataset, "train"), seed)
-    return {**scores, "classifier_test_accuracy": record["test_accuracy"]}
+    """Sample `num_images_per_label` images of every class with `pipe` for each seed and score them against
+    `reference` (see `score_images`); with `cas_images_per_label`, also the classification accuracy score."""
+    evaluation_set = load_evaluation_set(dataset, reference, classifier_cache_dir, classifier_train_samples)
+    per_seed = []
+    for seed in seeds:
+        images, labels = generate_for_evaluation(pipe, num_images_per_label, num_inference_steps, guidance_scale, seed)
+        per_seed.append({"seed": seed, **score_images(images, labels, evaluation_set, seed)})
+        if seed == seeds[0]:
+            first_seed_images = images, labels
+    results = {
+        "reference": reference,
+        "floor_source": evaluation_set.floor_source,
+        "seeds": list(seeds),
+        "num_images": per_seed[0]["num_images"],
+        **summarize_seeds(per_seed),
+        "per_seed": per_seed,
+        "classifier": {key: evaluation_set.classifier_record[key] for key in
+                       ("validation_accuracy", "test_accuracy", "num_fit_images", "split")},  # fmt: skip
+    }
+    if cas_images_per_label:
+        images, labels = (
+            first_seed_images  # the same images again: the first seed's generation is deterministic
+            if cas_images_per_label == num_images_per_label
+            else generate_for_evaluation(pipe, cas_images_per_label, num_inference_steps, guidance_scale, seeds[0])
+        )
+        results["cas"] = classification_accuracy_score(images, labels, evaluation_set, seeds[0])
+    return results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,7 +237,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Dataset for the classifier and the real images "
         "(default: the bundled data/mnist when run from the repository, else ylecun/mnist).",
     )
-    parser.add_argument("--num_images_per_label", type=int, default=100, help="Generated images per class.")
+    parser.add_argument(
+        "--reference",
+        choices=REFERENCES,
+        default="test",
+        help="Real images the generated ones are compared with: validation (held out from the train split) for "
+        "tuning decisions, test for reporting.",
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="Sampling seeds; mean and std are over them."
+    )
+    parser.add_argument("--num_images_per_label", type=int, default=100, help="Generated images per class and seed.")
     parser.add_argument(
         "--num_inference_steps", type=int, default=None, help="Sampling steps (default: the pipeline's saved default)."
     )
@@ -136,19 +263,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Sampler to use instead of the one saved with the pipeline.",
     )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the generated images and of the real subset.")
+    parser.add_argument(
+        "--cas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Also the classification accuracy score: a classifier trained on N generated images per class, scored "
+        "on the real reference, beside one trained on N real images per class (minutes on a CPU).",
+    )
     parser.add_argument("--classifier_cache_dir", default=None, help="Where the evaluation classifier is cached.")
     parser.add_argument(
         "--classifier_train_samples",
         type=int,
         default=None,
-        help="Train the evaluation classifier on the first N images only (tests).",
+        help="Train the evaluation classifier on the first N fit images only (tests).",
     )
     args = parser.parse_args(argv)
     if args.num_images_per_label < 2:
         parser.error("--num_images_per_label must be at least 2 (FID needs a covariance)")
     if args.num_inference_steps is not None and args.num_inference_steps < 1:
         parser.error("--num_inference_steps must be at least 1")
+    if args.cas is not None and args.cas < 1:
+        parser.error("--cas must be at least 1 image per class")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must differ from each other, got {args.seeds}")
     return args
 
 
@@ -156,6 +294,24 @@ def default_dataset() -> str:
     """The bundled copy when running from a checkout of the repository, else the Hub id."""
     bundled = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "mnist")
     return bundled if os.path.isdir(bundled) else DEFAULT_DATASET
+
+
+def summary_line(results: dict) -> str:
+    """One human-readable line: mean ± std over the seeds."""
+
+    def figure(metric: dict, scale: float = 1.0) -> str:
+        std = "" if metric["std"] is None else f" ± {metric['std'] * scale:.1f}"
+        return f"{metric['mean'] * scale:.1f}{std}"
+
+    line = (
+        f"cond. accuracy {figure(results['cond_accuracy'], 100)} %, FID {figure(results['fid'])} (real-data floor "
+        f"{figure(results['fid_real_floor'])}) against the {results['reference']} reference, "
+        f"{len(results['seeds'])} seed(s) x {results['num_images']} images"
+    )
+    if "cas" in results:
+        cas = results["cas"]
+        line += f"; CAS {cas['generated'] * 100:.1f} % (real-data ceiling {cas['real'] * 100:.1f} %)"
+    return line
 
 
 def main(args: argparse.Namespace) -> None:
@@ -167,19 +323,24 @@ def main(args: argparse.Namespace) -> None:
     results = evaluate(
         pipe,
         dataset=args.dataset or default_dataset(),
+        reference=args.reference,
+        seeds=tuple(args.seeds),
         num_images_per_label=args.num_images_per_label,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
-        seed=args.seed,
+        cas_images_per_label=args.cas,
         classifier_cache_dir=args.classifier_cache_dir,
         classifier_train_samples=args.classifier_train_samples,
     )
+    # What the pipeline ran with: the saved default wherever a flag was not given.
     settings = {
-        "num_inference_steps": args.num_inference_steps or pipe.config.default_num_inference_steps,
-        "guidance_scale": args.guidance_scale or pipe.config.default_guidance_scale,
-        "seed": args.seed,
+        "num_inference_steps": pipe.config.default_num_inference_steps
+        if args.num_inference_steps is None
+        else args.num_inference_steps,
+        "guidance_scale": pipe.config.default_guidance_scale if args.guidance_scale is None else args.guidance_scale,
     }
     scheduler = type(pipe.scheduler).__name__
+    print(summary_line(results), file=sys.stderr)
     print(json.dumps({"model": args.model, "scheduler": scheduler, **settings, **results}))
 
 

@@ -89,12 +89,14 @@ def write_model_card(output_dir: str, config: dict, summary: dict, id2label: dic
     if metrics:
         metrics_text = (
             f"On {metrics['images_per_label']} images per class ({metrics['num_inference_steps']} "
-            f"{metrics['scheduler']} steps, guidance scale {metrics['guidance_scale']}), judged by an MNIST "
-            "classifier:\n\n"
+            f"{metrics['scheduler']} steps, guidance scale {metrics['guidance_scale']}, one sampling seed), judged "
+            f"by an MNIST classifier against the {metrics.get('reference', 'validation')} reference (real digits "
+            "held out from the classifier; see the project's README, \"Evaluation\"):\n\n"
             "| conditional accuracy | classifier FID | real-data FID floor |\n| --- | --- | --- |\n"
             f"| {metrics['cond_accuracy']:.4f} | {metrics['fid']:.2f} | {metrics['fid_real_floor']:.2f} |\n\n"
-            "The floor is the FID of as many real training images: the best score at this sample size. "
-            "Rerun with more images: `python -m pipeline.evaluate --model THIS_FOLDER`."
+            "The floor is the FID of as many real held-out digits with the same labels: the best score at this "
+            "sample size. These are the quick figures logged during training; for reportable ones (test reference, "
+            "three seeds) run `python -m pipeline.evaluate --model THIS_FOLDER --seeds 0 1 2`."
         )
     else:
         metrics_text = "Not measured during training; run `python -m pipeline.evaluate --model THIS_FOLDER`."
@@ -108,7 +110,8 @@ def write_model_card(output_dir: str, config: dict, summary: dict, id2label: dic
         if is_hub_dataset
         else f"the local folder `{os.path.basename(os.path.normpath(dataset))}`",
         training_line=f"{summary['global_step']} optimizer steps of {summary['global_batch_size']} images on "
-        f"{summary['num_processes']} {summary['device']} process(es), {summary['wall_time_s'] / 60:.1f} minutes.",
+        f"{summary['num_processes']} {summary['device']} process(es), "
+        f"{summary.get('total_train_time_s', summary['wall_time_s']) / 60:.1f} minutes.",
         config_rows="\n".join(f"| `{key}` | {json.dumps(config[key])} |" for key in CONFIG_KEYS if key in config),
         metrics_text=metrics_text,
     )

@@ -34,8 +34,8 @@ from .checkpointing import (
     save_checkpoint,
     save_pipeline,
 )
-from .classifier import load_or_train_classifier
 from .data import load_split
+from .evaluate import load_evaluation_set
 from .hub import push_folder, write_model_card
 from .modeling_class_conditioned_unet import ClassConditionedUNet
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
@@ -280,13 +280,13 @@ def train(args: argparse.Namespace) -> None:
             config=tracker_config(args),
             init_kwargs=tracker_init_kwargs,
         )
-    # The validation metrics judge samples with a classifier trained once per dataset and cached (main process).
+    # The validation metrics judge samples with a classifier trained once per dataset and cached (main process),
+    # against the validation reference: what training shows may steer choices, so it never looks at the test split.
     evaluation = None
     if accelerator.is_main_process and args.validation_images_per_label:
-        classifier, _ = load_or_train_classifier(
-            args.dataset, cache_dir=args.classifier_cache_dir, max_train_samples=args.classifier_train_samples
+        evaluation = load_evaluation_set(
+            args.dataset, "validation", args.classifier_cache_dir, args.classifier_train_samples
         )
-        evaluation = (classifier, load_split(args.dataset, "test", args.resolution), train_data)
     accelerator.wait_for_everyone()
 
     if args.preset:
@@ -301,14 +301,18 @@ def train(args: argparse.Namespace) -> None:
     logger.info(f"  Total optimization steps = {max_train_steps}")
 
     # 5. resume: the data position and the noise follow from the global step alone
-    global_step = 0
+    # A resumed run's wall time is the earlier segments' time, as their checkpoints recorded it, plus this one's.
+    global_step, earlier_segments_s, segment = 0, 0.0, 1
     if args.resume_from_checkpoint:
         checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
         if checkpoint is None:
             logger.info(f"No checkpoint found in {args.output_dir}; starting a new run.")
         else:
             logger.info(f"Resuming from {checkpoint}")
-            global_step = load_checkpoint(accelerator, checkpoint, run_state)
+            saved_state = load_checkpoint(accelerator, checkpoint, run_state)
+            global_step = saved_state["global_step"]
+            earlier_segments_s = saved_state.get("train_time_s", 0.0)
+            segment = saved_state.get("segment", 1) + 1
     first_step = global_step
 
     # SIGTERM (what schedulers send before preemption) or Ctrl-C: finish the step, checkpoint, exit. accelerate's
@@ -431,9 +435,11 @@ def train(args: argparse.Namespace) -> None:
             accelerator.log(logs, step=global_step)
 
         if save_now:
+            train_time_s = round(earlier_segments_s + time.perf_counter() - started, 2)
             checkpoint = save_checkpoint(
-                accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run_state
-            )
+                accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
+                {**run_state, "train_time_s": train_time_s, "segment": segment},
+            )  # fmt: skip
         if stop_requested:
             name = signal.Signals(received_signals[0]).name if received_signals else "a signal on another process"
             raise TrainingError(
@@ -470,7 +476,9 @@ def train(args: argparse.Namespace) -> None:
             "mixed_precision": accelerator.mixed_precision,
             "device": accelerator.device.type,
             "compiled": is_compiled_module(model),  # what prepare() returned, not just what was asked for
-            "wall_time_s": round(time.perf_counter() - started, 2),
+            "wall_time_s": round(time.perf_counter() - started, 2),  # this segment (process start to summary)
+            "total_train_time_s": round(earlier_segments_s + time.perf_counter() - started, 2),
+            "segments": segment,
             "train_loop_s": round(loop_time, 2),
             "images_per_s": round((global_step - first_step) * global_batch_size / loop_time, 2),
             "images_per_s_last_window": round(last_window_images_per_s, 2),
@@ -479,6 +487,7 @@ def train(args: argparse.Namespace) -> None:
             if torch.cuda.is_available()
             else None,
             "final_metrics": final_metrics,
+            "loss_history": loss_history,  # (step, mean loss of the logging window) of this segment
         }
         with open(os.path.join(args.output_dir, "training_summary.json"), "w") as file:
             json.dump(summary, file, indent=2)

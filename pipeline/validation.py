@@ -9,9 +9,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
-from .classifier import MNISTClassifier
-from .data import ImageClassData
-from .evaluate import generate_for_evaluation, score_images
+from .evaluate import EvaluationSet, generate_for_evaluation, score_images
 from .grid import labelled_grid
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
 
@@ -51,16 +49,21 @@ def log_validation(
     pipe: ClassConditionedDDIMPipeline,
     args: argparse.Namespace,
     step: int,
-    evaluation: tuple[MNISTClassifier, ImageClassData, ImageClassData] | None,
+    evaluation: EvaluationSet | None,
 ) -> dict:
     """Main process only: log a grid with one row per class, drawn from the same noise every time so that grids
-    compare across steps and runs, and the metrics when `evaluation` is given. The grid is saved as samples.png.
+    compare across steps and runs, and the metrics when `evaluation` is given (during training: against the
+    validation reference, never the test split). The grid is saved as samples.png.
 
     Returns the metrics and the sampling settings they were measured with (empty without `evaluation`).
     """
     pipe.set_progress_bar_config(disable=True)
-    num_inference_steps = args.validation_num_inference_steps or pipe.config.default_num_inference_steps
-    guidance_scale = args.validation_guidance_scale or pipe.config.default_guidance_scale
+    num_inference_steps = args.validation_num_inference_steps
+    if num_inference_steps is None:
+        num_inference_steps = pipe.config.default_num_inference_steps
+    guidance_scale = args.validation_guidance_scale
+    if guidance_scale is None:
+        guidance_scale = pipe.config.default_guidance_scale
     class_names = list(pipe.unet.config.id2label.values())
     images = pipe(
         class_labels=list(range(len(class_names))),
@@ -75,11 +78,10 @@ def log_validation(
 
     metrics = {}
     if evaluation is not None:
-        classifier, test, train = evaluation
         images, labels = generate_for_evaluation(
             pipe, args.validation_images_per_label, num_inference_steps, guidance_scale, seed=args.seed
         )
-        scores = score_images(images, labels, classifier, test, train, seed=args.seed)
+        scores = score_images(images, labels, evaluation, seed=args.seed)
         metrics = {
             "cond_accuracy": scores["cond_accuracy"]["overall"],
             "fid": scores["fid"],
@@ -87,6 +89,7 @@ def log_validation(
         }
         accelerator.log({f"validation/{name}": value for name, value in metrics.items()}, step=step)
         metrics.update(
+            reference=evaluation.reference_name,
             images_per_label=args.validation_images_per_label,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,

@@ -42,7 +42,7 @@ def test_load_restores_the_weights_and_step(tmp_path, accelerator_and_model):
     path = save_checkpoint(accelerator, str(tmp_path), 3, total_limit=None, run_state=RUN_STATE)
     with torch.no_grad():
         model.weight.add_(1.0)
-    assert load_checkpoint(accelerator, path, RUN_STATE) == 3
+    assert load_checkpoint(accelerator, path, RUN_STATE)["global_step"] == 3
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in saved.items())
 
 

@@ -1,54 +1,117 @@
-"""The evaluator: its classifier is real and cached, and its metrics separate real digits from noise."""
+"""The evaluator and its held-out protocol: the classifier never sees the reference or the floor's digits, the floor
+is class-balanced like the generated set, seeds give mean and spread, and CAS trains on generated images."""
 
 import json
 import sys
 
+import pytest
 import torch
 
-from pipeline.classifier import accuracy, load_or_train_classifier
-from pipeline.data import load_split
-from pipeline.evaluate import evaluate, score_images
+from pipeline.classifier import accuracy, load_fit_and_validation, load_or_train_classifier
+from pipeline.data import fit_validation_indices, load_split
+from pipeline.evaluate import draw_like, evaluate, load_evaluation_set, score_images
 from tests.conftest import DATASET, run_cli
 
+CLASSIFIER_SAMPLES = 3000  # the tests' evaluation classifier learns from the first 3,000 fit images (~20 s, once)
 
-def test_classifier_is_trained_once_then_loaded(classifier_cache):
-    first, record = load_or_train_classifier(DATASET, cache_dir=classifier_cache, max_train_samples=3000)
-    second, second_record = load_or_train_classifier(DATASET, cache_dir=classifier_cache, max_train_samples=3000)
-    assert record == second_record and record["test_accuracy"] > 0.9  # 3,000 training images, 3 epochs
+
+def test_the_train_split_is_cut_into_fit_and_validation_by_class_and_seed():
+    train = load_split(DATASET, "train")
+    fit, validation, record = fit_validation_indices(train.labels)
+    assert len(fit) + len(validation) == len(train) and not set(fit.tolist()) & set(validation.tolist())
+    assert 9_990 <= len(validation) <= 10_010 and record["validation_size"] == len(validation)
+    # Stratified: every class keeps its share (1/6) to within one image.
+    for class_id in range(10):
+        in_class = (train.labels == class_id).sum().item()
+        assert abs((train.labels[validation] == class_id).sum().item() - in_class / 6) <= 1
+    again_fit, again_validation, again_record = fit_validation_indices(train.labels)
+    assert torch.equal(fit, again_fit) and torch.equal(validation, again_validation) and record == again_record
+    other = fit_validation_indices(train.labels, seed=1)[2]
+    assert other["validation_indices_sha256"] != record["validation_indices_sha256"]
+
+
+def test_classifier_learns_from_fit_only_is_cached_and_records_the_split(classifier_cache):
+    first, record = load_or_train_classifier(DATASET, cache_dir=classifier_cache, max_train_samples=CLASSIFIER_SAMPLES)
+    second, second_record = load_or_train_classifier(
+        DATASET, cache_dir=classifier_cache, max_train_samples=CLASSIFIER_SAMPLES
+    )
+    assert record == second_record and record["test_accuracy"] > 0.9 and record["validation_accuracy"] > 0.9
+    assert record["num_fit_images"] == CLASSIFIER_SAMPLES
+    assert record["split"] == fit_validation_indices(load_split(DATASET, "train").labels)[2]
     images = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(first.classify(images), second.classify(images))
+    assert accuracy(second, load_split(DATASET, "test")) == record["test_accuracy"]
+
+
+@pytest.mark.parametrize("reference, floor_source", [("test", "validation"), ("validation", "test")])
+def test_floor_comes_from_the_other_held_out_set_with_the_generated_labels(classifier_cache, reference, floor_source):
+    evaluation_set = load_evaluation_set(DATASET, reference, classifier_cache, CLASSIFIER_SAMPLES)
+    assert evaluation_set.reference_name == reference and evaluation_set.floor_source == floor_source
+    fit, validation, _ = load_fit_and_validation(DATASET)
     test = load_split(DATASET, "test")
-    assert accuracy(second, test) == record["test_accuracy"]
+    expected = {"test": test, "validation": validation}
+    assert torch.equal(evaluation_set.reference.labels, expected[reference].labels)
+    assert torch.equal(evaluation_set.floor_pool.labels, expected[floor_source].labels)
+    # Like a generated set: exactly 7 of every class. The draw has those labels, no repeats, and only pool images.
+    labels = torch.arange(10).repeat_interleave(7)
+    drawn = draw_like(evaluation_set.floor_pool, labels, seed=0)
+    assert torch.equal(drawn.labels, labels)
+    pool_images = {bytes(image.numpy()) for image in evaluation_set.floor_pool.images}
+    drawn_images = [bytes(image.numpy()) for image in drawn.images]
+    assert len(set(drawn_images)) == len(labels) and set(drawn_images) <= pool_images
+    assert not set(drawn_images) & {bytes(image.numpy()) for image in fit.images[:CLASSIFIER_SAMPLES]}
+    with pytest.raises(ValueError, match="lower --num_images_per_label"):
+        draw_like(evaluation_set.floor_pool, torch.zeros(2000, dtype=torch.long), seed=0)
 
 
 def test_real_digits_score_near_the_floor_and_noise_far_from_it(classifier_cache):
-    classifier, _ = load_or_train_classifier(DATASET, cache_dir=classifier_cache, max_train_samples=3000)
-    test, train = load_split(DATASET, "test"), load_split(DATASET, "train")
-    # Another random draw of real digits than the floor's (a consecutive block would come from fewer writers).
-    indices = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:500]
-    real = train.images[indices].float() / 255
-    real_scores = score_images(real, train.labels[indices], classifier, test, train)
-    noise_scores = score_images(torch.rand(500, 1, 28, 28), train.labels[indices], classifier, test, train)
+    evaluation_set = load_evaluation_set(DATASET, "test", classifier_cache, CLASSIFIER_SAMPLES)
+    # Real held-out digits that are neither the floor's draw (seed 0) nor in the reference: validation, seed 1.
+    labels = torch.arange(10).repeat_interleave(50)
+    real = draw_like(evaluation_set.floor_pool, labels, seed=1).images.float() / 255
+    real_scores = score_images(real, labels, evaluation_set)
+    noise_scores = score_images(torch.rand(500, 1, 28, 28), labels, evaluation_set)
     assert real_scores["cond_accuracy"]["overall"] > 0.85
-    assert real_scores["fid"] < 2 * real_scores["fid_real_floor"]
+    assert real_scores["fid"] < 1.5 * real_scores["fid_real_floor"]
     assert noise_scores["fid"] > 10 * real_scores["fid"]
     assert noise_scores["cond_accuracy"]["overall"] < 0.3
     assert set(real_scores["cond_accuracy"]["per_class"]) == {str(i) for i in range(10)}
 
 
-def test_evaluate_cli_prints_one_json_object(trained_dir, classifier_cache):
+def test_several_seeds_give_mean_and_spread_of_every_metric(tiny_pipe, classifier_cache):
+    results = evaluate(tiny_pipe, DATASET, seeds=(0, 1), num_images_per_label=2, num_inference_steps=2,
+                       classifier_cache_dir=classifier_cache, classifier_train_samples=CLASSIFIER_SAMPLES)  # fmt: skip
+    assert results["reference"] == "test" and results["floor_source"] == "validation" and results["seeds"] == [0, 1]
+    fids = [scores["fid"] for scores in results["per_seed"]]
+    assert fids[0] != fids[1]  # the seeds drew different images
+    assert results["fid"]["mean"] == pytest.approx(sum(fids) / 2, abs=1e-4)
+    assert results["fid"]["std"] == pytest.approx(abs(fids[0] - fids[1]) / 2**0.5, abs=1e-4)
+    assert set(results["fid_real_floor"]) == {"mean", "std"} and set(results["cond_accuracy"]["per_class"]) == set(
+        map(str, range(10))
+    )
+
+
+def test_evaluate_cli_prints_mean_and_std_and_cas(trained_dir, classifier_cache):
     command = [sys.executable, "-m", "pipeline.evaluate", "--model", str(trained_dir), "--num_images_per_label",
-               "3", "--num_inference_steps", "2", "--scheduler", "dpm++", "--classifier_cache_dir",
-               classifier_cache, "--classifier_train_samples", "3000"]  # fmt: skip
-    result = json.loads(run_cli(command).stdout.strip().splitlines()[-1])
+               "3", "--num_inference_steps", "2", "--scheduler", "dpm++", "--seeds", "0", "1", "--cas", "3",
+               "--reference", "validation", "--classifier_cache_dir", classifier_cache,
+               "--classifier_train_samples", str(CLASSIFIER_SAMPLES)]  # fmt: skip
+    output = run_cli(command)
+    result = json.loads(output.stdout.strip().splitlines()[-1])
     assert result["scheduler"] == "DPMSolverMultistepScheduler" and result["num_images"] == 30
-    assert 0 <= result["cond_accuracy"]["overall"] <= 1 and result["fid"] > 0 and result["fid_real_floor"] > 0
+    assert result["reference"] == "validation" and result["floor_source"] == "test" and len(result["per_seed"]) == 2
+    assert 0 <= result["cond_accuracy"]["mean"] <= 1 and result["fid"]["mean"] > 0
+    assert result["fid"]["std"] is not None and result["fid_real_floor"]["mean"] > 0
+    cas = result["cas"]
+    assert cas["images_per_class"] == 3 and cas["reference"] == "validation"
+    assert 0 <= cas["generated"] <= 1 and cas["real"] > 0.3  # 30 real digits already teach a classifier something
+    assert "against the validation reference, 2 seed(s)" in output.stderr and "CAS" in output.stderr
 
 
 def test_evaluation_is_deterministic(tiny_pipe, classifier_cache):
     def run():
-        return evaluate(tiny_pipe, DATASET, num_images_per_label=2, num_inference_steps=2, seed=3,
-                        classifier_cache_dir=classifier_cache, classifier_train_samples=3000)  # fmt: skip
+        return evaluate(tiny_pipe, DATASET, num_images_per_label=2, num_inference_steps=2, seeds=(3,),
+                        classifier_cache_dir=classifier_cache, classifier_train_samples=CLASSIFIER_SAMPLES)  # fmt: skip
 
     assert run() == run()
