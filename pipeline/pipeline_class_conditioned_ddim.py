@@ -65,6 +65,18 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["images"]
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DiffusionPipeline:
+        r"""
+        Load a saved pipeline, reading weights from safetensors only unless told otherwise.
+
+        diffusers falls back to pickle (`.bin`) weights, and unpickling a file can run code. Here `use_safetensors`
+        defaults to `True`, so a folder that only has pickle weights is refused; pass `use_safetensors=False` to
+        load one you trust. Every other argument is [`DiffusionPipeline.from_pretrained`]'s.
+        """
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     # `unet: ModelMixin`, not `ClassConditionedUNet`: as remote code, diffusers loads the UNet from the copy in unet/,
     # a class object other than the one imported above, and would warn "Expected types for unet" on every load.
     def __init__(

@@ -223,9 +223,17 @@ def test_resume_mid_epoch_is_bit_exact(single_process_run, tmp_path):
             *RUN_FLAGS,
         ],
     )
-    assert summary(tmp_path)["steps_this_run"] == 5
+    resumed_summary = summary(tmp_path)
+    assert resumed_summary["steps_this_run"] == 5
     resumed = unet_weights(tmp_path)
     assert all(torch.equal(resumed[name], tensor) for name, tensor in uninterrupted.items())
+    # The run's time is measured, not extrapolated: the first segment's time up to checkpoint-3, as that checkpoint
+    # recorded it, plus the whole resumed segment.
+    first_segment_s = json.loads((tmp_path / "checkpoints" / "checkpoint-3" / "training_state.json").read_text())
+    assert resumed_summary["segments"] == 2 and first_segment_s["segment"] == 1
+    assert resumed_summary["total_train_time_s"] == pytest.approx(
+        first_segment_s["train_time_s"] + resumed_summary["wall_time_s"], abs=0.02
+    )
 
 
 def test_resume_with_more_processes_and_the_same_global_batch(single_process_run, tmp_path):

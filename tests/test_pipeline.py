@@ -1,6 +1,7 @@
 import inspect
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,13 +195,30 @@ def test_label_names_come_from_the_dataset_and_survive_saving(tmp_path, tiny_une
         pipe.get_label_ids("trouser")
 
 
-def test_pickle_weights_are_refused(tmp_path, tiny_pipe):
+class CodeRunningPayload:
+    """Unpickling this creates a marker file: what a crafted `.bin` could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_the_pipeline_class_refuses_pickle_weights_by_default(tmp_path, tiny_pipe):
+    """README's first example, `ClassConditionedDDIMPipeline.from_pretrained(dir)`, never unpickles weights."""
     tiny_pipe.save_pretrained(tmp_path)
     weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
-    torch.save(load_file(weights), tmp_path / "unet" / "diffusion_pytorch_model.bin")
+    state_dict = load_file(weights)
     weights.unlink()
+    marker = tmp_path / "code-ran"
+    torch.save({**state_dict, "payload": CodeRunningPayload(marker)}, tmp_path / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(OSError, match="safetensors"):
-        ClassConditionedDDIMPipeline.from_pretrained(tmp_path, use_safetensors=True)
+        ClassConditionedDDIMPipeline.from_pretrained(tmp_path)
+    assert not marker.exists()
+    # An explicit opt-in for a trusted folder remains (torch's weights_only loading still blocks this payload).
+    torch.save(state_dict, tmp_path / "unet" / "diffusion_pytorch_model.bin")
+    assert ClassConditionedDDIMPipeline.from_pretrained(tmp_path, use_safetensors=False).unet is not None
 
 
 def test_saved_sampling_defaults_are_used_after_loading(tmp_path, tiny_unet):
