@@ -64,7 +64,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num_images_per_label must be at least 1, got {args.num_images_per_label}")
     if args.num_inference_steps is not None and args.num_inference_steps < 1:
         parser.error(f"--num_inference_steps must be at least 1, got {args.num_inference_steps}")
+    # Checked before any sampling, so a typo does not cost a whole run.
+    extension = os.path.splitext(args.output)[1].lower()
+    if extension not in image_extensions():
+        parser.error(f"--output {args.output!r} needs an image file extension; one of {' '.join(image_extensions())}")
     return args
+
+
+def image_extensions() -> list[str]:
+    """The file extensions PIL can write an image to (.png, .jpg, .webp, ...)."""
+    from PIL import Image
+
+    Image.init()
+    return sorted(extension for extension, image_format in Image.registered_extensions().items()
+                  if image_format in Image.SAVE)  # fmt: skip
 
 
 def class_label(text: str) -> int | str:

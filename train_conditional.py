@@ -40,6 +40,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def probability(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -193,7 +200,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument(
         "--max_train_steps", type=positive_int, default=None, help="Optimizer steps to run; overrides --num_epochs."
     )
-    training.add_argument("--learning_rate", type=float, default=1e-3, help="Adam learning rate (the seed's 1e-3).")
+    training.add_argument(
+        "--learning_rate", type=positive_float, default=1e-3, help="Adam learning rate (the seed's 1e-3)."
+    )
     training.add_argument(
         "--lr_scheduler",
         default="constant",

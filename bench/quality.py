@@ -1,7 +1,8 @@
 """Train one recipe and evaluate it under the held-out protocol; append the measured row to bench/results/.
 
     python bench/quality.py --name quick --eval dpm++:20:2 --cas 100 -- --preset quick
-    python bench/quality.py --name quick --skip_training --reference validation --eval dpm++:20:1.5 dpm++:20:3
+    python bench/quality.py --name quick-guidance --model_dir output/bench/quick --skip_training \
+        --reference validation --eval dpm++:20:1.5 dpm++:20:2 dpm++:20:3       # a tuning row: validation reference
 
 Everything after `--` goes to train_conditional.py (run through `accelerate launch` with the given config, into
 OUTPUT_ROOT/NAME). Each evaluation is `sampler:steps[:guidance]` (guidance: the saved default when left out), run by
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 
 from provenance import append_row, run_record
+
+from pipeline.evaluate import REFERENCES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,17 +57,18 @@ def main() -> None:
     parser.add_argument("--name", required=True, help="Name of the row (and of the output folder).")
     parser.add_argument("--config", default="cpu.yaml", help="accelerate config in accelerate_configs/.")
     parser.add_argument("--eval", nargs="+", default=["ddim:50"], help="sampler:steps[:guidance] to evaluate.")
-    parser.add_argument("--reference", choices=["test", "validation"], default="test", help="Evaluation reference.")
+    parser.add_argument("--reference", choices=REFERENCES, default="test", help="Evaluation reference.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Sampling seeds of each evaluation.")
     parser.add_argument("--num_images_per_label", type=int, default=100, help="Images per class and seed.")
     parser.add_argument("--cas", type=int, default=None, metavar="N", help="CAS, N images per class (1st --eval).")
     parser.add_argument("--output_root", default="output/bench", help="Where the trained pipelines go.")
+    parser.add_argument("--model_dir", default=None, help="The pipeline folder (default: OUTPUT_ROOT/NAME).")
     parser.add_argument("--results", default="bench/results/quality.jsonl", help="JSON-lines file to append to.")
     parser.add_argument("--skip_training", action="store_true", help="Evaluate an existing output folder.")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then train_conditional.py flags.")
     args = parser.parse_args()
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    output_dir = Path(args.output_root).resolve() / args.name
+    output_dir = Path(args.model_dir or Path(args.output_root) / args.name).resolve()
 
     row = {"name": args.name, "provenance": run_record(), "accelerate_config": args.config, "train_args": train_args}
     row["train_wall_s"] = None if args.skip_training else train(output_dir, args.config, train_args)

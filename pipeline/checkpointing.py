@@ -57,16 +57,20 @@ def prepare_output_dir(
     With `--overwrite_output_dir` the earlier run's checkpoints are removed (with a warning): left in place, they
     would be taken for this run's `latest`. Nothing is removed without that flag.
     """
-    held = []
-    if os.path.isfile(os.path.join(output_dir, "model_index.json")):
-        held.append("a saved pipeline")
-    if list_checkpoints(output_dir):
-        held.append("checkpoints")
-    if held and not (resume_from_checkpoint or overwrite_output_dir):
+    has_pipeline = os.path.isfile(os.path.join(output_dir, "model_index.json"))
+    has_checkpoints = bool(list_checkpoints(output_dir))
+    if has_pipeline and not has_checkpoints and resume_from_checkpoint and not overwrite_output_dir:
+        # Resuming would start from scratch and, at the end, replace the finished pipeline.
         raise ValueError(
-            f"--output_dir {output_dir!r} already holds {' and '.join(held)} of an earlier run. Pass "
-            "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or choose "
-            "another --output_dir."
+            f"--output_dir {output_dir!r} holds a finished run's pipeline and no checkpoints, so there is nothing to "
+            "resume. Pass --overwrite_output_dir to train a new model in its place, or choose another --output_dir."
+        )
+    held = [name for name, present in (("a saved pipeline", has_pipeline), ("checkpoints", has_checkpoints)) if present]
+    if held and not (resume_from_checkpoint or overwrite_output_dir):
+        resume = "--resume_from_checkpoint latest to continue it, " if has_checkpoints else ""
+        raise ValueError(
+            f"--output_dir {output_dir!r} already holds {' and '.join(held)} of an earlier run. Pass {resume}"
+            "--overwrite_output_dir to replace it, or choose another --output_dir."
         )
     accelerator.wait_for_everyone()  # every process has checked before the main one changes anything
     if accelerator.is_main_process:

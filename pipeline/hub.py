@@ -82,9 +82,13 @@ def write_model_card(output_dir: str, config: dict, summary: dict, id2label: dic
     metadata = ModelCardData(
         library_name="diffusers",
         license="apache-2.0",
-        tags=["diffusers", "class-conditional", "image-generation", "mnist", "ddim", "pytorch"],
+        tags=["diffusers", "class-conditional", "image-generation", "mnist", "pytorch"]
+        + (["ddim"] if scheduler == "DDIMScheduler" else []),
         datasets=[dataset] if is_hub_dataset else None,
     )
+    # --max_train_steps overrides --num_epochs: list only the one that decided the run's length.
+    overridden = "num_epochs" if config.get("max_train_steps") else "max_train_steps"
+    config_keys = [key for key in CONFIG_KEYS if key in config and key != overridden]
     metrics = summary.get("final_metrics") or {}
     if metrics:
         metrics_text = (
@@ -108,14 +112,21 @@ def write_model_card(output_dir: str, config: dict, summary: dict, id2label: dic
         classes=", ".join(f"{class_id} = {name!r}" for class_id, name in id2label.items()),
         dataset=f"[{dataset}](https://huggingface.co/datasets/{dataset})"
         if is_hub_dataset
-        else f"the local folder `{os.path.basename(os.path.normpath(dataset))}`",
+        else f"the local folder `{local_dataset_name(dataset)}` (the `ylecun/mnist` layout)",
         training_line=f"{summary['global_step']} optimizer steps of {summary['global_batch_size']} images on "
         f"{summary['num_processes']} {summary['device']} process(es), "
         f"{summary.get('total_train_time_s', summary['wall_time_s']) / 60:.1f} minutes.",
-        config_rows="\n".join(f"| `{key}` | {json.dumps(config[key])} |" for key in CONFIG_KEYS if key in config),
+        config_rows="\n".join(f"| `{key}` | {json.dumps(config[key])} |" for key in config_keys),
         metrics_text=metrics_text,
     )
     ModelCard(content).save(os.path.join(output_dir, "README.md"))
+
+
+def local_dataset_name(folder: str) -> str:
+    """A local dataset folder as people know it: relative to the working directory when inside it (`data/mnist`),
+    else its name alone (a model card is shared: no absolute paths of this machine)."""
+    relative = os.path.relpath(os.path.abspath(folder))
+    return os.path.basename(os.path.normpath(folder)) if relative.startswith("..") else relative
 
 
 def push_folder(output_dir: str, hub_model_id: str, hub_token: str | None) -> str:

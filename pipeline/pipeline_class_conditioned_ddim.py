@@ -66,7 +66,7 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
     _callback_tensor_inputs = ["images"]
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DiffusionPipeline:
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DiffusionPipeline":
         r"""
         Load a saved pipeline, reading weights from safetensors only unless told otherwise.
 

@@ -281,12 +281,19 @@ def train(args: argparse.Namespace) -> None:
             init_kwargs=tracker_init_kwargs,
         )
     # The validation metrics judge samples with a classifier trained once per dataset and cached (main process),
-    # against the validation reference: what training shows may steer choices, so it never looks at the test split.
+    # against the validation reference: what training shows may steer choices, so it never scores the model
+    # against the test split.
     evaluation = None
     if accelerator.is_main_process and args.validation_images_per_label:
         evaluation = load_evaluation_set(
             args.dataset, "validation", args.classifier_cache_dir, args.classifier_train_samples
         )
+        smallest_class = int(evaluation.floor_pool.labels.bincount().min())
+        if args.validation_images_per_label > smallest_class:  # found now, not after training
+            raise ValueError(
+                f"--validation_images_per_label {args.validation_images_per_label} is more than the real-data floor's "
+                f"pool holds for its smallest class ({smallest_class}); lower it."
+            )
     accelerator.wait_for_everyone()
 
     if args.preset:
@@ -466,6 +473,7 @@ def train(args: argparse.Namespace) -> None:
         final_metrics = log_validation(accelerator, pipeline, args, global_step, evaluation)
         if loss_history:
             save_loss_curve(loss_history, os.path.join(args.output_dir, "loss_curve.png"))
+        segment_s = time.perf_counter() - started
         summary = {
             "global_step": global_step,
             "steps_this_run": global_step - first_step,
@@ -476,8 +484,8 @@ def train(args: argparse.Namespace) -> None:
             "mixed_precision": accelerator.mixed_precision,
             "device": accelerator.device.type,
             "compiled": is_compiled_module(model),  # what prepare() returned, not just what was asked for
-            "wall_time_s": round(time.perf_counter() - started, 2),  # this segment (process start to summary)
-            "total_train_time_s": round(earlier_segments_s + time.perf_counter() - started, 2),
+            "wall_time_s": round(segment_s, 2),  # this segment (process start to summary)
+            "total_train_time_s": round(earlier_segments_s + segment_s, 2),
             "segments": segment,
             "train_loop_s": round(loop_time, 2),
             "images_per_s": round((global_step - first_step) * global_batch_size / loop_time, 2),

@@ -53,7 +53,7 @@ def log_validation(
 ) -> dict:
     """Main process only: log a grid with one row per class, drawn from the same noise every time so that grids
     compare across steps and runs, and the metrics when `evaluation` is given (during training: against the
-    validation reference, never the test split). The grid is saved as samples.png.
+    validation reference: the model is never scored against the test split). The grid is saved as samples.png.
 
     Returns the metrics and the sampling settings they were measured with (empty without `evaluation`).
     """

@@ -126,6 +126,7 @@ def test_train_cli_bad_dataset(tmp_path, dataset, message):
     [
         (["--train_batch_size", "0"], "must be a positive integer"),
         (["--max_train_steps", "-5"], "must be a positive integer"),
+        (["--learning_rate", "-1"], "--learning_rate: must be a positive number, got -1"),
         (["--dataset", "/no/such/folder"], "Dataset folder '/no/such/folder' does not exist"),
     ],
 )

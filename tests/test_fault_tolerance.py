@@ -6,6 +6,7 @@ The kill test is bounded for CI (a few kills of a tiny run); set FAULT_INJECTION
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,8 +34,6 @@ def finished_run(tmp_path_factory) -> Path:
 
 
 def copy_of(run: Path, tmp_path: Path) -> Path:
-    import shutil
-
     return Path(shutil.copytree(run, tmp_path / "run"))
 
 
@@ -162,9 +161,23 @@ def test_output_dir_of_another_run_is_refused_unless_told(finished_run, tmp_path
     assert (output_dir / "notes.txt").read_text() == "mine"  # only the earlier run's own files are replaced
 
 
-def make_broken_model(trained_dir: Path, tmp_path: Path, breakage: str) -> Path:
-    import shutil
+def test_resuming_a_finished_run_without_checkpoints_never_retrains_over_it(finished_run, tmp_path):
+    """Following the refusal's advice must be safe: with no checkpoint to continue, "resume" would start over and
+    replace the finished pipeline."""
+    output_dir = copy_of(finished_run, tmp_path)
+    shutil.rmtree(output_dir / "checkpoints")
+    before = weights(output_dir)
+    flags = ["--output_dir", str(output_dir), "--max_train_steps", "2", *RUN]
+    refused = run_cli([*TRAIN, *flags], check=False)
+    assert refused.returncode == 2 and "--resume_from_checkpoint" not in refused.stderr  # no advice that retrains
+    resumed = run_cli([*TRAIN, *flags, "--resume_from_checkpoint", "latest"], check=False)
+    assert resumed.returncode == 2 and "no checkpoints, so there is nothing to resume" in resumed.stderr
+    assert "--overwrite_output_dir" in resumed.stderr and "Traceback" not in resumed.stderr
+    after = weights(output_dir)
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
 
+
+def make_broken_model(trained_dir: Path, tmp_path: Path, breakage: str) -> Path:
     model = tmp_path / "model"
     shutil.copytree(trained_dir, model, ignore=shutil.ignore_patterns("checkpoints"))
     weights_file = model / "unet" / "diffusion_pytorch_model.safetensors"
@@ -199,6 +212,8 @@ def test_sample_refuses_broken_model_folders(trained_dir, tmp_path, breakage, me
 @pytest.mark.parametrize("args, message", [
     (["--scheduler", "heun"], "invalid choice: 'heun'"),
     (["--num_inference_steps", "0"], "must be at least 1"),
+    (["--output", "grid"], "--output 'grid' needs an image file extension; one of"),
+    (["--output", "grid.pgnn"], ".png"),
 ])  # fmt: skip
 def test_sample_usage_errors_exit_2(trained_dir, tmp_path, args, message):
     result = run_cli([sys.executable, "sample.py", "--model", str(trained_dir), *args], check=False)

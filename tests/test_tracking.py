@@ -79,6 +79,9 @@ def test_run_artifacts_in_the_output_folder(logged_run):
     card = (output_dir / "README.md").read_text()
     assert "trust_remote_code=True" in card and "samples.png" in card and "conditional accuracy" in card
     assert "python app.py --model" in card and "Hugging Face Space" in card  # how to run the demo, also as a Space
+    assert "the validation reference" in card  # training never reports against the test split
+    assert "`data/mnist` (the `ylecun/mnist` layout)" in card and "`num_epochs`" not in card  # --max_train_steps ran
+    assert ("- ddim" in card) == (summary["final_metrics"]["scheduler"] == "DDIMScheduler")
 
 
 def test_only_the_main_process_logs(tmp_path):
