@@ -51,10 +51,10 @@ PRESETS: dict[str, dict] = {
         "default_guidance_scale": 2.0,
     },
     # A couple of minutes on 2 CPU cores, to show that a set-up learns, not to make good digits: a two-level model
-    # without attention (16, 32 channels), the class also in the timestep embedding, v-prediction (its samples are
-    # digit-like far sooner than epsilon's here: 37 % against 18 % conditional accuracy after 300 steps), 300 steps
-    # of 64 images, guidance 3. The CI learning test (`pytest -k learns`) trains it; bench/learning.py measures it
-    # over seeds to set that test's bar.
+    # without attention (16, 32 channels), the class also in the timestep embedding, v-prediction (in a few tries
+    # here its samples looked like digits far sooner than epsilon-prediction's), 300 steps of 64 images, guidance 3.
+    # The CI learning test (`pytest -k learns`) trains it; bench/learning.py measures it over seeds to set that
+    # test's bar.
     "smoke": {
         "block_out_channels": [16, 32],
         "down_block_types": ["DownBlock2D", "DownBlock2D"],
