@@ -60,8 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--preset",
         choices=sorted(PRESETS),
         default=None,
-        help="A measured recipe (see README): seed (the notebook's), quick (a 2-core CPU in under 15 minutes), "
-        "quality (one GPU). It sets defaults; flags given explicitly still win.",
+        help="A measured recipe (see README): seed (the notebook's), quick (a 2-core CPU), "
+        "quality (one GPU), smoke (a short run that shows a set-up learns). It sets defaults; flags given "
+        "explicitly still win.",
     )
     parser.add_argument("--print_config", action="store_true", help="Print the resolved settings as JSON and exit.")
 
