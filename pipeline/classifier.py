@@ -104,8 +104,11 @@ def load_or_train_classifier(
     epochs: int = 3,
     seed: int = 0,
     max_train_samples: int | None = None,
+    fit_and_validation: tuple[ImageClassData, ImageClassData, dict] | None = None,
 ) -> tuple[MNISTClassifier, dict]:
     """The cached classifier for `dataset` (training and caching it on first use) and its record.
+
+    `fit_and_validation` is `load_fit_and_validation(dataset)`'s result when the caller already has it.
 
     It learns from the *fit* part of the train split only (the first `max_train_samples` of it, for tests), so that
     the validation part and the test split are digits it never saw. The record holds its validation and test
@@ -113,7 +116,7 @@ def load_or_train_classifier(
     fingerprint, the split and the training settings, so another dataset, cut or recipe never reuses stale weights.
     """
     fingerprint = load_image_class_dataset(dataset)["train"]._fingerprint
-    fit, validation, split = load_fit_and_validation(dataset)
+    fit, validation, split = fit_and_validation or load_fit_and_validation(dataset)
     settings = {"version": CLASSIFIER_VERSION, "epochs": epochs, "seed": seed, "max_train_samples": max_train_samples}
     key = hashlib.sha256(json.dumps([fingerprint, split, settings], sort_keys=True).encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir or DEFAULT_CACHE_DIR, f"classifier-{key}")

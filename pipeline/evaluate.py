@@ -46,6 +46,9 @@ class EvaluationSet:
     floor_source: str  # the other held-out set
     floor_pool: ImageClassData
     fit: ImageClassData  # what the classifier learned from: the pool of CAS's real-data ceiling
+    # The reference's features, computed once and kept (reset_real_features=False): `reset()` drops only generated
+    # features. Only the main process evaluates during training: syncing metric state would deadlock.
+    frechet_distance: FrechetInceptionDistance
 
 
 def load_evaluation_set(
@@ -57,14 +60,27 @@ def load_evaluation_set(
     """The cached classifier (trained on first use) and the held-out sets for `reference` ("test" or "validation")."""
     if reference not in REFERENCES:
         raise ValueError(f"Unknown reference {reference!r}; use one of {list(REFERENCES)}.")
+    fit_and_validation = load_fit_and_validation(dataset)
     classifier, record = load_or_train_classifier(
-        dataset, cache_dir=classifier_cache_dir, max_train_samples=classifier_train_samples
+        dataset, classifier_cache_dir, max_train_samples=classifier_train_samples, fit_and_validation=fit_and_validation
     )
-    fit, validation, _ = load_fit_and_validation(dataset)
-    test = load_split(dataset, "test")
-    held_out = {"test": test, "validation": validation}
+    fit, validation, _ = fit_and_validation
+    held_out = {"test": load_split(dataset, "test"), "validation": validation}
     floor_source = "validation" if reference == "test" else "test"
-    return EvaluationSet(classifier, record, reference, held_out[reference], floor_source, held_out[floor_source], fit)
+    metric = FrechetInceptionDistance(feature=classifier, reset_real_features=False, sync_on_compute=False)
+    with torch.no_grad():
+        for batch in torch.arange(len(held_out[reference])).split(1000):
+            metric.update(held_out[reference].take(batch).float() / 255, real=True)
+    return EvaluationSet(
+        classifier=classifier,
+        classifier_record=record,
+        reference_name=reference,
+        reference=held_out[reference],
+        floor_source=floor_source,
+        floor_pool=held_out[floor_source],
+        fit=fit,
+        frechet_distance=metric,
+    )
 
 
 @torch.no_grad()
@@ -123,12 +139,7 @@ def score_images(images: torch.Tensor, labels: torch.Tensor, evaluation_set: Eva
     correct = predictions == labels
     per_class = {str(c): round(correct[labels == c].float().mean().item(), 4) for c in labels.unique().tolist()}
 
-    # The reference features are computed once and kept (reset_real_features=False) for both distances. Only the
-    # main process evaluates during training: syncing metric state across processes would deadlock.
-    metric = FrechetInceptionDistance(feature=classifier, reset_real_features=False, sync_on_compute=False)
-    reference = evaluation_set.reference
-    for batch in torch.arange(len(reference)).split(1000):
-        metric.update(reference.take(batch).float() / 255, real=True)
+    metric = evaluation_set.frechet_distance
 
     def frechet_distance(generated: torch.Tensor) -> float:
         metric.reset()  # drops the previous generated features only
