@@ -22,6 +22,7 @@ import torch
 from provenance import append_row, run_record
 
 from pipeline.evaluate import (
+    REFERENCES,
     generate_for_evaluation,
     load_evaluation_set,
     mean_and_std,
@@ -78,7 +79,7 @@ def main() -> None:
     )
     parser.add_argument("--dataset", default=str(REPO_ROOT / "data" / "mnist"), help="Classifier and real images.")
     parser.add_argument(
-        "--reference", choices=["test", "validation"], default="test", help="The held-out images FID compares with."
+        "--reference", choices=REFERENCES, default="test", help="The held-out images FID compares with."
     )
     parser.add_argument("--results", default=str(RESULTS), help="JSON-lines file to append to.")
     args = parser.parse_args()
