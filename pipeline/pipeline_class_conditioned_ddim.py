@@ -1,27 +1,32 @@
 """`ClassConditionedDDIMPipeline`: sample images of chosen classes from a `ClassConditionedUNet`.
 
-This module imports only torch, diffusers, the standard library and the model module: it is the pipeline code that
-travels inside a saved pipeline folder.
+This module imports only torch, diffusers (with numpy and huggingface_hub, which diffusers itself requires), the
+standard library and the model module: it is the pipeline code that travels inside a saved pipeline folder.
 """
 
 import inspect
 import json
 import logging
+import numbers
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import create_repo
 
 from .modeling_class_conditioned_unet import ClassConditionedUNet
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_TYPES = ("pil", "np", "pt")
+# "latent" is diffusers' name for the undecoded result: here the final batch in [-1, 1], before mapping to [0, 1].
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # A saved folder carries this file and the model file under these names (see `save_pretrained`).
 PIPELINE_FILE_STEM = "pipeline_class_conditioned_ddim"
 MODEL_FILE_STEM = "modeling_class_conditioned_unet"
@@ -63,7 +68,9 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet"
-    _callback_tensor_inputs = ["images"]
+    # One tensor under two names: "latents", as every diffusers pipeline (and its tests) calls the batch being
+    # denoised, and "images", as this pipeline's loop and earlier callbacks do.
+    _callback_tensor_inputs = ["latents", "images"]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DiffusionPipeline":
@@ -106,11 +113,44 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
             config["unet"] = [ClassConditionedUNet.__module__, "ClassConditionedUNet"]
         return output
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
-        """[`DiffusionPipeline.save_pretrained`] plus the code, so that the folder also loads without this package:
-        `DiffusionPipeline.from_pretrained(save_directory, trust_remote_code=True)`."""
-        if kwargs.get("push_to_hub"):
-            raise NotImplementedError("save_pretrained would push before writing the code files; push the folder.")
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        token: str | None = None,
+        private: bool | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        **kwargs,
+    ):
+        r"""
+        [`DiffusionPipeline.save_pretrained`] plus the code, so that the folder also loads without this package:
+        `DiffusionPipeline.from_pretrained(save_directory, trust_remote_code=True)`.
+
+        Args:
+            save_directory (`str` or `os.PathLike`):
+                The folder to write; created if missing.
+            push_to_hub (`bool`, *optional*, defaults to `False`):
+                Then upload the whole folder to the Hub repository `repo_id` (created if missing), as diffusers does.
+                The folder is saved locally first, so a failed upload leaves a complete local copy. A `README.md`
+                already in the folder (the model card training writes) is uploaded as it is; unlike diffusers, no
+                generic card is fetched or written.
+            repo_id (`str`, *optional*, defaults to `None`):
+                The repository to push to; `None` uses the folder's name in your namespace.
+            token (`str`, *optional*, defaults to `None`):
+                The Hub token; `None` uses the one of `hf auth login`.
+            private (`bool`, *optional*, defaults to `None`):
+                Create the repository private; `None` follows your account's default. Ignored if it already exists.
+            commit_message (`str`, *optional*, defaults to `None`):
+                `None` commits "Upload ClassConditionedDDIMPipeline".
+            create_pr (`bool`, *optional*, defaults to `False`):
+                Open a pull request instead of committing to the main branch.
+            kwargs:
+                Passed to [`DiffusionPipeline.save_pretrained`] (`safe_serialization`, `variant`, ...).
+        """
+        # Not passing push_to_hub on: diffusers would upload before the code files below exist.
         super().save_pretrained(save_directory, **kwargs)
         # The pipeline file at the root, the model file beside it (for its relative import) and in unet/.
         model_file = inspect.getsourcefile(ClassConditionedUNet)
@@ -125,32 +165,58 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
         with open(index_file, "w") as f:
             f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
+        if push_to_hub:
+            if repo_id is None:
+                repo_id = os.path.basename(os.path.normpath(save_directory))
+            repo_id = create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
+            self._upload_folder(
+                save_directory, repo_id, token=token, commit_message=commit_message, create_pr=create_pr
+            )
+
     @property
     def labels(self) -> dict[str, int]:
         """Label name -> class id, from the model's `id2label` (the dataset's class names), sorted by name."""
         id2label = self.unet.config.id2label or {i: str(i) for i in range(self.unet.config.num_classes)}
         return dict(sorted((str(name), int(class_id)) for class_id, name in id2label.items()))
 
-    def get_label_ids(self, label: int | str | list[int | str] | torch.Tensor) -> list[int]:
+    @property
+    def guidance_scale(self) -> float:
+        """The guidance scale of the current (or last) call; a step callback may change it via `_guidance_scale`."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        # diffusers' convention: any scale <= 1 means no guidance (the conditional prediction alone).
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        """The number of denoising steps of the current (or last) call."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` in a step callback to skip the remaining steps."""
+        return self._interrupt
+
+    def get_label_ids(self, label: int | str | list[int | str] | torch.Tensor | np.ndarray) -> list[int]:
         r"""
         Map class labels to class ids.
 
         Args:
-            label (`int`, `str`, `list[int | str]` or 1-D `torch.Tensor`):
-                Class ids (`3`), label names (`"3"`, see [`~ClassConditionedDDIMPipeline.labels`]) or a list
-                mixing both. A string is always one label name, never split into characters.
+            label (`int`, `str`, `list[int | str]`, 1-D `torch.Tensor` or 1-D `np.ndarray`):
+                Class ids (`3`, `np.int64(3)`), label names (`"3"`, see [`~ClassConditionedDDIMPipeline.labels`])
+                or a list mixing both. A string is always one label name, never split into characters.
 
         Returns:
             `list[int]`: One class id per label.
         """
-        if isinstance(label, torch.Tensor):
-            if label.ndim > 1 or label.is_floating_point():
-                raise ValueError(
-                    f"class_labels as a tensor must be a 1-D integer tensor, got shape "
-                    f"{tuple(label.shape)} and dtype {label.dtype}."
-                )
-            label = label.tolist()
-        labels = [label] if isinstance(label, (int, str)) else list(label)
+        if isinstance(label, (torch.Tensor, np.ndarray)):
+            if label.ndim > 1:
+                raise ValueError(f"class_labels as a tensor or array must be 1-D, got shape {tuple(label.shape)}.")
+            label = label.tolist()  # Python numbers (a float dtype gives floats, refused below); 0-d gives one
+        # A string or a scalar (numpy's included) is one label; anything else iterable holds several.
+        labels = list(label) if isinstance(label, Iterable) and not isinstance(label, str) else [label]
         if not labels:
             raise ValueError("class_labels is empty: pass at least one class id or name, e.g. class_labels=[3, 7].")
         num_classes = self.unet.config.num_classes
@@ -161,19 +227,23 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
                 if item not in names:
                     raise ValueError(f"Unknown label name {item!r}; valid names are {list(names)}.")
                 class_ids.append(names[item])
-            elif isinstance(item, int) and not isinstance(item, bool):
+            # numbers.Integral takes numpy's integers too (np.int64 from an array or np.argmax); bool is no class id.
+            elif isinstance(item, numbers.Integral) and not isinstance(item, bool):
                 if not 0 <= item < num_classes:
                     raise ValueError(f"Class id {item} is out of range: this model knows ids 0 to {num_classes - 1}.")
-                class_ids.append(item)
+                class_ids.append(int(item))
             else:
-                raise TypeError(f"A class label must be an int id or a str name, got {item!r} ({type(item).__name__}).")
+                raise ValueError(
+                    f"class_labels must be integer class ids or label names, got {item!r} ({type(item).__name__}); "
+                    f"pass e.g. class_labels=[3, 7] or class_labels=['3', '7']."
+                )
         return class_ids
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        class_labels: int | str | list[int | str] | torch.Tensor,
+        class_labels: int | str | list[int | str] | torch.Tensor | np.ndarray,
         num_images_per_label: int = 1,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
@@ -181,26 +251,31 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable[["ClassConditionedDDIMPipeline", int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end: Callable[["ClassConditionedDDIMPipeline", int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["images"],  # noqa: B006 (diffusers' signature)
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generate images of the requested classes.
 
         Args:
-            class_labels (`int`, `str`, `list[int | str]` or 1-D `torch.Tensor`):
-                The classes to draw: ids (`[3, 7]`) or label names (`["3", "7"]`, see
-                [`~ClassConditionedDDIMPipeline.labels`]).
+            class_labels (`int`, `str`, `list[int | str]`, 1-D `torch.Tensor` or 1-D `np.ndarray`):
+                The classes to draw: integer ids (`[3, 7]`, numpy integers too) or label names (`["3", "7"]`, see
+                [`~ClassConditionedDDIMPipeline.labels`]). Floats are refused rather than rounded.
             num_images_per_label (`int`, *optional*, defaults to 1):
                 Images per requested label; the output lists all images of the first label, then the second, and so on.
             num_inference_steps (`int`, *optional*, defaults to `None`):
                 Denoising steps. More steps usually give cleaner images, linearly slower. `None` uses the pipeline's
                 `default_num_inference_steps` (50 unless the training recipe saved another).
             guidance_scale (`float`, *optional*, defaults to `None`):
-                Classifier-free guidance scale s (diffusers' convention; s = 1 + w of the CFG paper). `1.0` turns
-                guidance off; larger values follow the class more strictly at the cost of diversity. Needs a model
-                trained with class dropout. `None` uses the pipeline's `default_guidance_scale` (1.0 unless the
-                training recipe saved another).
+                Classifier-free guidance scale s (diffusers' convention; s = 1 + w of the CFG paper). Any value
+                <= 1 turns guidance off (values below 1 sample exactly as `1.0`, with a warning); larger values
+                follow the class more strictly at the cost of diversity. Needs a model trained with class dropout.
+                `None` uses the pipeline's `default_guidance_scale` (1.0 unless the training recipe saved another);
+                turning off the guidance a model was saved with also warns. A step callback may change it for the
+                remaining steps through `pipe._guidance_scale` (read back as `pipe.guidance_scale`).
             eta (`float`, *optional*, defaults to 0.0):
                 The η of the [DDIM](https://huggingface.co/papers/2010.02502) paper: `0` is deterministic DDIM, `1`
                 is DDPM-like. Passed only to schedulers whose `step` accepts it.
@@ -208,16 +283,21 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
                 Makes generation deterministic. A list must hold one generator per image, so each image can be
                 reproduced on its own.
             output_type (`str`, *optional*, defaults to `"pil"`):
-                `"pil"` (list of `PIL.Image`), `"np"` (`np.ndarray` of shape `(N, H, W, C)` in [0, 1]) or `"pt"`
-                (`torch.Tensor` of shape `(N, C, H, W)` in [0, 1]).
+                `"pil"` (list of `PIL.Image`), `"np"` (`np.ndarray` of shape `(N, H, W, C)` in [0, 1]), `"pt"`
+                (`torch.Tensor` of shape `(N, C, H, W)` in [0, 1]) or `"latent"` (the final denoised batch as it
+                is, a `torch.Tensor` of shape `(N, C, H, W)` in about [-1, 1], unclamped).
             return_dict (`bool`, *optional*, defaults to `True`):
                 Return an [`~pipelines.ImagePipelineOutput`] instead of a plain tuple.
-            callback_on_step_end (`Callable`, *optional*):
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
                 Called after each denoising step as `callback_on_step_end(pipe, step, timestep, callback_kwargs)`
                 with the tensors named in `callback_on_step_end_tensor_inputs`; it returns a dict whose entries
-                replace those tensors (return `callback_kwargs` to change nothing).
+                replace those tensors (return `callback_kwargs` to change nothing). It may also set
+                `pipe._guidance_scale` (used from the next step on) or `pipe._interrupt = True` (skip the remaining
+                steps and return the batch as it is); `pipe.num_timesteps` tells how many steps there are.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["images"]`):
-                Which tensors `callback_kwargs` holds; `"images"` is the current noisy batch.
+                Which tensors `callback_kwargs` holds, from `pipe._callback_tensor_inputs`: `"latents"` (diffusers'
+                name) and `"images"` are both the current noisy batch; if both are passed and replaced,
+                `"latents"` wins. A `PipelineCallback` brings its own `tensor_inputs` instead.
 
         Examples:
 
@@ -227,8 +307,17 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
         # 0. check inputs
         if num_inference_steps is None:
             num_inference_steps = self.config.default_num_inference_steps
+        default_guidance_scale = self.config.default_guidance_scale
         if guidance_scale is None:
-            guidance_scale = self.config.default_guidance_scale
+            guidance_scale = default_guidance_scale
+        elif guidance_scale <= 1.0 and (guidance_scale < 1.0 or default_guidance_scale > 1.0):
+            # Valid but likely unintended: diffusers' convention turns guidance off at any scale <= 1.
+            message = f"guidance_scale={guidance_scale} turns classifier-free guidance off"
+            if guidance_scale < 1.0:
+                message += "; values below 1 sample exactly as 1.0 does"
+            if default_guidance_scale > 1.0:
+                message += f"; this model's default is {default_guidance_scale} (guidance_scale=None uses it)"
+            logger.warning(message + ".")
         if num_images_per_label < 1:
             raise ValueError(f"num_images_per_label must be at least 1, got {num_images_per_label}.")
         class_ids = [i for i in self.get_label_ids(class_labels) for _ in range(num_images_per_label)]
@@ -242,6 +331,8 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
                 f"You passed {len(generator)} generators for {batch_size} images ({batch_size // num_images_per_label} "
                 f"labels x {num_images_per_label} per label); pass one generator per image or a single generator."
             )
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         unknown_inputs = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown_inputs:
             raise ValueError(
@@ -250,8 +341,10 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
             )
         if not 0.0 <= eta <= 1.0:
             logger.warning(f"eta should be between 0 (DDIM) and 1 (DDPM), got {eta}; results may be unexpected.")
-        do_guidance = guidance_scale > 1.0
-        if do_guidance and not self.unet.config.class_dropout_prob:
+        # On the pipeline rather than local, as in diffusers: a step callback may read and change them.
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+        if self.do_classifier_free_guidance and not self.unet.config.class_dropout_prob:
             logger.warning(
                 f"guidance_scale={guidance_scale} asks for classifier-free guidance, but this model was trained "
                 "without class dropout, so its 'no class' prediction is untrained; expect poor images. Use "
@@ -260,16 +353,16 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
 
         device = self._execution_device
         config = self.unet.config
-        labels = torch.tensor(class_ids, device=device)
-        if do_guidance:
-            # Conditional and unconditional halves go through the UNet as one batch of 2N.
-            labels = torch.cat([labels, torch.full_like(labels, self.unet.null_class_id)])
+        class_labels = torch.tensor(class_ids, device=device)
+        # With guidance, the conditional and unconditional halves go through the UNet as one batch of 2N.
+        guided_labels = torch.cat([class_labels, torch.full_like(class_labels, self.unet.null_class_id)])
 
         # 1. sample the starting noise; with a list of generators, image i depends on generator i only
         shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
         images = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
         images = images * self.scheduler.init_noise_sigma
         step_parameters = inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"eta": eta} if "eta" in step_parameters else {}
@@ -277,28 +370,38 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
             step_kwargs["generator"] = generator
 
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            # 2. predict the noise model_output (both guidance halves in one call)
+            if self.interrupt:
+                continue
+
+            # 2. predict the noise model_output (both guidance halves in one call); decided at every step, since a
+            # callback may have switched guidance on or off
+            do_guidance = self.do_classifier_free_guidance
             model_input = torch.cat([images, images]) if do_guidance else images
             model_input = self.scheduler.scale_model_input(model_input, t)
-            model_output = self.unet(model_input, t, labels).sample
+            model_output = self.unet(model_input, t, guided_labels if do_guidance else class_labels).sample
 
             # 3. perform guidance: move the prediction away from the unconditional one
             if do_guidance:
                 cond_output, uncond_output = model_output.chunk(2)
-                model_output = uncond_output + guidance_scale * (cond_output - uncond_output)
+                model_output = uncond_output + self.guidance_scale * (cond_output - uncond_output)
 
             # 4. compute the previous noisy sample x_t -> x_t-1
             images = self.scheduler.step(model_output, t, images, **step_kwargs).prev_sample
 
             if callback_on_step_end is not None:
-                step_tensors = {"images": images}
+                step_tensors = {"latents": images, "images": images}
                 callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
                 callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                images = callback_outputs.pop("images", images)
+                # Both names hand out the same tensor: take the one the callback replaced, "latents" first.
+                for name in ("latents", "images"):
+                    if callback_outputs.get(name, images) is not images:
+                        images = callback_outputs[name]
+                        break
 
-        # 5. map [-1, 1] to [0, 1] and convert
-        images = (images / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
+        # 5. map [-1, 1] to [0, 1] and convert; "latent" is the batch as denoised
+        if output_type != "latent":
+            images = (images / 2 + 0.5).clamp(0, 1)
+        if output_type in ("np", "pil"):
             images = images.cpu().permute(0, 2, 3, 1).float().numpy()
             if output_type == "pil":
                 images = self.numpy_to_pil(images)

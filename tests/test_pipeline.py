@@ -71,10 +71,10 @@ def test_get_label_ids_treats_a_string_as_one_name(tiny_pipe):
         ({"class_labels": [-1]}, ValueError, "ids 0 to 9"),
         ({"class_labels": []}, ValueError, "class_labels is empty"),
         ({"class_labels": ["seven"]}, ValueError, r"valid names are \['0', '1'"),
-        ({"class_labels": [1.5]}, TypeError, "int id or a str name"),
+        ({"class_labels": [1.5]}, ValueError, "class_labels must be integer class ids or label names"),
         ({"class_labels": [1], "num_inference_steps": 0}, ValueError, "num_inference_steps must be at least 1"),
         ({"class_labels": [1], "num_images_per_label": 0}, ValueError, "num_images_per_label must be at least 1"),
-        ({"class_labels": [1], "output_type": "jpg"}, ValueError, r"choose one of \['pil', 'np', 'pt'\]"),
+        ({"class_labels": [1], "output_type": "jpg"}, ValueError, r"choose one of \['pil', 'np', 'pt', 'latent'\]"),
         ({"class_labels": [1, 2], "generator": [torch.Generator()]}, ValueError, "1 generators for 2 images"),
     ],
 )
