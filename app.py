@@ -20,6 +20,7 @@ import gradio as gr
 import torch
 from diffusers import DiffusionPipeline
 
+from pipeline.errors import UsageError
 from pipeline.grid import labelled_grid
 from pipeline.loading import load_pipeline
 from pipeline.schedulers import SCHEDULERS, set_scheduler
@@ -229,6 +230,6 @@ if __name__ == "__main__":
     arguments = parse_args()
     try:
         main(arguments)
-    except ValueError as error:  # a bad model folder or id: one line, no traceback
+    except UsageError as error:  # a bad model folder or id: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

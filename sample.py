@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 
+from pipeline.errors import UsageError
 from pipeline.schedulers import SCHEDULERS
 
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -99,6 +100,10 @@ def main(args: argparse.Namespace) -> None:
     class_labels = [class_label(text) for text in args.class_labels] if args.class_labels else list(
         range(pipe.unet.config.num_classes)
     )  # fmt: skip
+    try:  # checked before sampling; the pipeline's own message lists the valid ids and names
+        class_ids = pipe.get_label_ids(class_labels)
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"--class_labels: {error}") from error
     images = pipe(
         class_labels=class_labels,
         num_images_per_label=args.num_images_per_label,
@@ -110,17 +115,23 @@ def main(args: argparse.Namespace) -> None:
     ).images
     # Row names as the model calls its classes: `get_label_ids` maps ids and names to ids, id2label back to names.
     id_to_name = {class_id: name for name, class_id in pipe.labels.items()}
-    row_names = [id_to_name[class_id] for class_id in pipe.get_label_ids(class_labels)]
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    labelled_grid(images, row_names, columns=args.num_images_per_label).save(args.output)
+    row_names = [id_to_name[class_id] for class_id in class_ids]
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        labelled_grid(images, row_names, columns=args.num_images_per_label).save(args.output)
+    except OSError as error:  # a read-only or full disk, a folder where the file should go
+        raise UsageError(f"Cannot write --output {args.output!r}: {error}") from error
     print(f"Wrote {len(class_labels)} x {args.num_images_per_label} images to {args.output}")
     if args.output_dir:
         from torchvision.utils import save_image
 
-        os.makedirs(args.output_dir, exist_ok=True)
-        for index, image in enumerate(images):
-            name = row_names[index // args.num_images_per_label].replace("/", "_")
-            save_image(image.float(), os.path.join(args.output_dir, f"{index:04d}_{name}.png"))
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            for index, image in enumerate(images):
+                name = row_names[index // args.num_images_per_label].replace("/", "_")
+                save_image(image.float(), os.path.join(args.output_dir, f"{index:04d}_{name}.png"))
+        except OSError as error:
+            raise UsageError(f"Cannot write into --output_dir {args.output_dir!r}: {error}") from error
         print(f"Wrote {len(images)} PNG files to {args.output_dir}")
 
 
@@ -128,6 +139,6 @@ if __name__ == "__main__":
     arguments = parse_args()
     try:
         main(arguments)
-    except (ValueError, TypeError, OSError) as error:  # bad model folder or labels: one line, no traceback
+    except UsageError as error:  # bad model folder, labels or output path: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

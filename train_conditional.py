@@ -17,6 +17,7 @@ Then sample: `python sample.py --model output/mnist --output grid.png`.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -263,22 +264,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ema.add_argument("--ema_power", type=float, default=3 / 4, help="EMA warmup power (2/3 suits short runs).")
 
+    # torch.compile is accelerate's: `accelerate launch --dynamo_backend inductor [--dynamo_mode reduce-overhead]`, or
+    # the dynamo_config section of a launch config.
     speed = parser.add_argument_group("speed (GPU)")
-    speed.add_argument(
-        "--torch_compile",
-        action="store_true",
-        help="Compile the model with torch.compile through accelerate (GPU: faster steps after a compile warm-up; "
-        "on a CPU it costs minutes and gains nothing).",
-    )
-    speed.add_argument(
-        "--compile_backend", default="inductor", help="torch.compile backend (inductor; aot_eager to debug)."
-    )
-    speed.add_argument(
-        "--compile_mode",
-        default=None,
-        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-        help="torch.compile mode; reduce-overhead adds CUDA graphs.",
-    )
     speed.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls/convolutions on Ampere+ GPUs.")
 
     checkpoints = parser.add_argument_group("checkpoints")
@@ -304,8 +292,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["none", "wandb", "tensorboard", "all"],
         help="Experiment tracker(s), through accelerate. Without a W&B login, W&B logs offline (see README).",
     )
-    logging.add_argument("--tracker_project_name", default="class-conditioned-mnist", help="Project in the tracker.")
-    logging.add_argument("--run_name", default=None, help="Name of the run in the tracker (W&B's run name).")
+    logging.add_argument(
+        "--tracker_project_name",
+        default=None,
+        help="Project in the tracker (default: $WANDB_PROJECT, else class-conditioned-mnist).",
+    )
+    logging.add_argument("--run_name", default=None, help="Name of the run in W&B (default: $WANDB_NAME, else W&B's).")
+    logging.add_argument(
+        "--wandb_log_model",
+        action="store_true",
+        default=os.environ.get("WANDB_LOG_MODEL", "").lower() in ("end", "true", "1"),
+        help="Log the saved pipeline folder as a W&B model artifact at the end (default: on when WANDB_LOG_MODEL is "
+        "end or true, as in transformers).",
+    )
     logging.add_argument(
         "--logging_steps", type=positive_int, default=10, help="Log loss, LR, grad norm and images/s every N steps."
     )
@@ -379,16 +378,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    from pipeline.training import TrainingError, train
+    from pipeline.errors import TrainingError, UsageError
+    from pipeline.training import train
 
+    created_output_dir = not os.path.exists(args.output_dir)
     try:
         train(args)
-    except ValueError as error:  # bad input found after parsing (dataset, config): one line, no traceback
+    except (UsageError, TrainingError) as error:  # bad input, or a run that could not go on: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingError as error:  # the run could not go on; the message says what was saved and what to do
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
+        if created_output_dir:
+            remove_if_empty(args.output_dir)
+        sys.exit(error.exit_code if isinstance(error, TrainingError) else 2)
+
+
+def remove_if_empty(folder: str) -> None:
+    """Remove a folder this run created when the run failed before writing a file into it (empty subfolders only)."""
+    if not os.path.isdir(folder) or any(files for _, _, files in os.walk(folder)):
+        return
+    for path, _, _ in sorted(os.walk(folder), reverse=True):  # deepest first
+        try:
+            os.rmdir(path)
+        except OSError:  # another process of the run removed it first, or wrote into it
+            pass
 
 
 if __name__ == "__main__":

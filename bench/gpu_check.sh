@@ -19,9 +19,10 @@ print("torch", torch.__version__, "| CUDA", torch.version.cuda)
 print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device (CPU)")
 PY
 
-run() {  # name batch steps extra-flags...
-  local name=$1 batch=$2 steps=$3; shift 3
-  python -m accelerate.commands.launch --config_file accelerate_configs/single_gpu.yaml train_conditional.py \
+run() {  # name batch steps dynamo-backend(or no) extra-flags...
+  local name=$1 batch=$2 steps=$3 dynamo=$4; shift 4
+  python -m accelerate.commands.launch --config_file accelerate_configs/single_gpu.yaml --dynamo_backend "$dynamo" \
+    train_conditional.py \
     --output_dir "$OUT/$name" --train_batch_size "$batch" --max_train_steps "$steps" \
     --logging_steps $((steps / 2)) --mixed_precision bf16 --allow_tf32 --validation_images_per_label 0 \
     --validation_grid_columns 1 --validation_num_inference_steps 1 --learning_rate 1e-3 "$@" > "$OUT/$name.log" 2>&1 \
@@ -29,10 +30,10 @@ run() {  # name batch steps extra-flags...
   python -c "import json; s = json.load(open('$OUT/$name/training_summary.json')); print(f\"$name: {s['images_per_s_last_window']:.0f} img/s steady (whole loop {s['images_per_s']:.0f}), peak GPU memory {s['peak_gpu_memory_mb']} MB\")"
 }
 
-run eager_512 512 "$STEPS_512"
-run compiled_512 512 "$STEPS_512" --torch_compile --compile_backend "$COMPILE_BACKEND"
-run eager_4096 4096 "$STEPS_4096"
-run compiled_4096 4096 "$STEPS_4096" --torch_compile --compile_backend "$COMPILE_BACKEND"
+run eager_512 512 "$STEPS_512" no
+run compiled_512 512 "$STEPS_512" "$COMPILE_BACKEND"
+run eager_4096 4096 "$STEPS_4096" no
+run compiled_4096 4096 "$STEPS_4096" "$COMPILE_BACKEND"
 
 python - "$OUT" <<'PY'
 import json, sys, time

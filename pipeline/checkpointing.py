@@ -1,24 +1,41 @@
 """Resume checkpoints: `output_dir/checkpoints/checkpoint-{step}`, written atomically and pruned to a limit.
 
-A checkpoint is what `accelerator.save_state` writes (model, optimizer, and every object registered for
-checkpointing: LR scheduler, EMA) plus `training_state.json`, which records the step and what the data position
-means (seed, global batch size). It is written to `checkpoint-{step}.tmp` and renamed when complete, so a crash
-while saving never leaves a half checkpoint that `--resume_from_checkpoint latest` would pick.
+A checkpoint is what `accelerator.save_state` writes (model as safetensors, optimizer and per-process RNG states)
+plus what is ours, in formats that cannot run code when read: `training_state.json` (the step, what the data
+position means — seed, global batch size —, the LR scheduler's state and the EMA's counters) and
+`ema_shadow_params.safetensors`. Nothing is registered with `register_for_checkpointing`, because accelerate
+unpickles those objects (`custom_checkpoint_*.pkl`) with full pickle; its own files it reads with
+`torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
+
+A checkpoint is written to `checkpoint-{step}.tmp` and renamed when complete, so a crash while saving never leaves a
+half checkpoint that `--resume_from_checkpoint latest` would pick; a full disk is found before writing where
+possible, and the staging folder is removed when a write fails anyway.
 """
 
 import json
 import os
+import pickle
 import re
 import shutil
 
+import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from diffusers import DiffusionPipeline
+from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import TrainingError, UsageError
 
 logger = get_logger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
+EMA_FILE = "ema_shadow_params.safetensors"
+PIPELINE_STAGING = ".pipeline.tmp"
+# Beyond the weights: configs, code files, RNG states, the sample grid and model card (each well under 1 MiB here).
+SLACK_BYTES = 2**20
 
 
 def checkpoints_dir(output_dir: str) -> str:
@@ -42,7 +59,7 @@ def find_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | None:
         return checkpoints[-1] if checkpoints else None
     path = resume_from_checkpoint.rstrip("/")
     if not os.path.isdir(path) or not CHECKPOINT_PATTERN.match(os.path.basename(path)):
-        raise ValueError(
+        raise UsageError(
             f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a checkpoint folder "
             f"(expected .../checkpoint-STEP); use 'latest' or one of {list_checkpoints(output_dir)}."
         )
@@ -55,20 +72,23 @@ def prepare_output_dir(
     """Create `output_dir`, refusing to mix a new run into a folder that holds another run's pipeline or checkpoints.
 
     With `--overwrite_output_dir` the earlier run's checkpoints are removed (with a warning): left in place, they
-    would be taken for this run's `latest`. Nothing is removed without that flag.
+    would be taken for this run's `latest`. Nothing else is removed without that flag, except the staging folders a
+    crash or a full disk left behind (never a complete checkpoint or pipeline).
     """
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UsageError(f"--output_dir {output_dir!r} is a file; pass a folder (it is created if missing).")
     has_pipeline = os.path.isfile(os.path.join(output_dir, "model_index.json"))
     has_checkpoints = bool(list_checkpoints(output_dir))
     if has_pipeline and not has_checkpoints and resume_from_checkpoint and not overwrite_output_dir:
         # Resuming would start from scratch and, at the end, replace the finished pipeline.
-        raise ValueError(
+        raise UsageError(
             f"--output_dir {output_dir!r} holds a finished run's pipeline and no checkpoints, so there is nothing to "
             "resume. Pass --overwrite_output_dir to train a new model in its place, or choose another --output_dir."
         )
     held = [name for name, present in (("a saved pipeline", has_pipeline), ("checkpoints", has_checkpoints)) if present]
     if held and not (resume_from_checkpoint or overwrite_output_dir):
         resume = "--resume_from_checkpoint latest to continue it, " if has_checkpoints else ""
-        raise ValueError(
+        raise UsageError(
             f"--output_dir {output_dir!r} already holds {' and '.join(held)} of an earlier run. Pass {resume}"
             "--overwrite_output_dir to replace it, or choose another --output_dir."
         )
@@ -78,27 +98,106 @@ def prepare_output_dir(
         if overwrite_output_dir and not resume_from_checkpoint and os.path.isdir(folder):
             logger.warning(f"--overwrite_output_dir: removing the earlier run's {folder}")
             shutil.rmtree(folder)
+        for leftover in staging_leftovers(output_dir):
+            logger.warning(f"Removing {leftover}, left by an interrupted save")
+            shutil.rmtree(leftover)
         os.makedirs(output_dir, exist_ok=True)
     accelerator.wait_for_everyone()
 
 
+def staging_leftovers(output_dir: str) -> list[str]:
+    """Folders only an interrupted save leaves: the pipeline's staging folder, `checkpoint-N.tmp`, `*.deleting`."""
+    candidates = [os.path.join(output_dir, PIPELINE_STAGING)]
+    for folder in (output_dir, checkpoints_dir(output_dir)):
+        if os.path.isdir(folder):
+            candidates += [os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".deleting")]
+    if os.path.isdir(checkpoints_dir(output_dir)):
+        candidates += [
+            os.path.join(checkpoints_dir(output_dir), name)
+            for name in os.listdir(checkpoints_dir(output_dir))
+            if CHECKPOINT_PATTERN.match(name.removesuffix(".tmp")) and name.endswith(".tmp")
+        ]
+    return sorted(path for path in candidates if os.path.isdir(path))
+
+
+def checkpoint_bytes(model: torch.nn.Module, ema_model: EMAModel | None) -> int:
+    """About what one checkpoint takes on disk: the weights, Adam's two moments, the EMA's copy (all float32)."""
+    weight_bytes = sum(parameter.numel() * 4 for parameter in model.parameters())
+    return weight_bytes * (3 + (ema_model is not None)) + SLACK_BYTES
+
+
+def pipeline_bytes(model: torch.nn.Module) -> int:
+    """About what the saved pipeline takes on disk: the float32 weights plus configs, code, grid and card."""
+    return sum(parameter.numel() * 4 for parameter in model.parameters()) + SLACK_BYTES
+
+
+def free_space_error(folder: str, needed_bytes: int, what: str) -> str | None:
+    """The message for a disk too full to hold `needed_bytes` more in `folder` (created or not yet), else None."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    free_bytes = shutil.disk_usage(existing).free
+    if free_bytes >= needed_bytes:
+        return None
+    return (
+        f"The disk holding {folder} has {free_bytes / 2**20:.1f} MiB free, but {what} needs about "
+        f"{needed_bytes / 2**20:.1f} MiB. Free some space there or choose another --output_dir."
+    )
+
+
+def ensure_free_space(accelerator: Accelerator, folder: str, needed_bytes: int, what: str) -> None:
+    """Raise `TrainingError` on every process alike when any of them finds too little space (a collective)."""
+    message = free_space_error(folder, needed_bytes, what)
+    short = accelerator.gather(torch.tensor([message is not None], device=accelerator.device))
+    if short.any():
+        raise TrainingError(message or f"Another process found too little space to save {what} in {folder}.")
+
+
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: str, step: int, total_limit: int | None, run_state: dict
+    accelerator: Accelerator,
+    output_dir: str,
+    step: int,
+    total_limit: int | None,
+    run_state: dict,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema_model: EMAModel | None = None,
+    needed_bytes: int = 0,
 ) -> str:
     """Save the full training state for `step`; every process must call this (each writes its RNG state).
 
-    `run_state` (seed, global batch size, ...) is stored beside it and checked on resume by `load_checkpoint`.
+    `run_state` (seed, global batch size, ...) is stored beside it and checked on resume by `load_checkpoint`. A
+    disk with less than `needed_bytes` free is refused before anything is written, on every process.
     """
     final_path = os.path.join(checkpoints_dir(output_dir), f"checkpoint-{step}")
     temporary_path = final_path + ".tmp"
+    ensure_free_space(accelerator, checkpoints_dir(output_dir), needed_bytes, f"checkpoint {final_path}")
     if accelerator.is_main_process and os.path.exists(temporary_path):
         shutil.rmtree(temporary_path)  # left over from a crash during an earlier save of this step
     accelerator.wait_for_everyone()
-    accelerator.save_state(temporary_path)
-    accelerator.wait_for_everyone()  # every rank has written its part before the rename makes it visible
+    try:
+        accelerator.save_state(temporary_path)
+        accelerator.wait_for_everyone()  # every rank has written its part before the rename makes it visible
+        if accelerator.is_main_process:
+            state = {"global_step": step, **run_state, "lr_scheduler": lr_scheduler.state_dict()}
+            if ema_model is not None:
+                ema_state = ema_model.state_dict()
+                shadow_params = ema_state.pop("shadow_params")
+                save_file({str(index): tensor.contiguous() for index, tensor in enumerate(shadow_params)},
+                          os.path.join(temporary_path, EMA_FILE))  # fmt: skip
+                state["ema"] = ema_state
+            with open(os.path.join(temporary_path, STATE_FILE), "w") as file:
+                json.dump(state, file, indent=2)
+    # A full disk: torch.save (optimizer, RNG) reports it as a RuntimeError ("iostream error") and safetensors as its
+    # own type, not as OSError.
+    except (OSError, RuntimeError, SafetensorError) as error:
+        shutil.rmtree(temporary_path, ignore_errors=True)
+        checkpoints = list_checkpoints(output_dir)
+        raise TrainingError(
+            f"Could not write checkpoint {final_path} ({type(error).__name__}: {error}); removed the partial copy. "
+            f"The last complete checkpoint is {checkpoints[-1] if checkpoints else 'none'}: free some space and rerun "
+            "with --resume_from_checkpoint latest."
+        ) from error
     if accelerator.is_main_process:
-        with open(os.path.join(temporary_path, STATE_FILE), "w") as file:
-            json.dump({"global_step": step, **run_state}, file, indent=2)
         if os.path.exists(final_path):  # saving a step again (after resuming from an older checkpoint)
             remove_folder(final_path)
         os.replace(temporary_path, final_path)
@@ -119,18 +218,30 @@ def remove_folder(path: str) -> None:
     shutil.rmtree(doomed)
 
 
-def save_pipeline(pipeline: DiffusionPipeline, output_dir: str) -> None:
-    """`pipeline.save_pretrained(output_dir)` such that a reader never sees half a pipeline.
+def save_pipeline(pipeline: DiffusionPipeline, output_dir: str, needed_bytes: int = 0) -> None:
+    """`pipeline.save_pretrained(output_dir)` such that a reader never sees half a pipeline, and a full disk never
+    costs the pipeline saved before.
 
     The pipeline shares `output_dir` with checkpoints/ and logs, so the folder itself cannot be swapped: the new one is
-    written beside it, `model_index.json` (what loaders read first) is removed, each component folder and code file is
-    swapped in with an atomic rename, and the new `model_index.json` comes last. A crash at any point leaves either no
-    `model_index.json` (no pipeline, not half of one) or a complete pipeline.
+    written beside it (after checking for `needed_bytes` of free space), `model_index.json` (what loaders read first)
+    is removed, each component folder and code file is swapped in with an atomic rename, and the new
+    `model_index.json` comes last. A crash at any point leaves either no `model_index.json` (no pipeline, not half of
+    one) or a complete pipeline; a failed write removes the staging folder and leaves the earlier pipeline as it was.
     """
-    staging = os.path.join(output_dir, ".pipeline.tmp")
+    staging = os.path.join(output_dir, PIPELINE_STAGING)
     if os.path.exists(staging):
         shutil.rmtree(staging)  # a crash during an earlier save
-    pipeline.save_pretrained(staging)
+    message = free_space_error(output_dir, needed_bytes, "the trained pipeline")
+    if message:
+        raise TrainingError(message)
+    try:
+        pipeline.save_pretrained(staging)
+    except (OSError, SafetensorError) as error:  # a full disk: safetensors raises its own type, not OSError
+        shutil.rmtree(staging, ignore_errors=True)
+        raise TrainingError(
+            f"Could not write the pipeline to {output_dir} ({type(error).__name__}: {error}); removed the partial "
+            "copy. Free some space and rerun with --resume_from_checkpoint latest."
+        ) from error
     index = os.path.join(output_dir, "model_index.json")
     if os.path.exists(index):
         os.remove(index)
@@ -145,28 +256,58 @@ def save_pipeline(pipeline: DiffusionPipeline, output_dir: str) -> None:
     os.rmdir(staging)
 
 
-def load_checkpoint(accelerator: Accelerator, path: str, run_state: dict) -> dict:
+def load_checkpoint(
+    accelerator: Accelerator,
+    path: str,
+    run_state: dict,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema_model: EMAModel | None = None,
+) -> dict:
     """Restore a checkpoint written by `save_checkpoint` and return its `training_state.json` (global step, run state,
     and the training time of the segments before it).
 
     The data order and every step's noise are functions of the seed and of the global batch, so a checkpoint only
-    continues exactly under the same values; anything else stops with the flags that would match.
+    continues exactly under the same values; anything else stops with the flags that would match. No file is read
+    in a way that can run code: a `custom_checkpoint_*.pkl` (which accelerate would unpickle) is refused.
     """
-    with open(os.path.join(path, STATE_FILE)) as file:
-        saved_state = json.load(file)
+    pickles = sorted(name for name in os.listdir(path) if name.startswith("custom_checkpoint_"))
+    if pickles:
+        raise UsageError(
+            f"{path} holds {', '.join(pickles)}: pickle files that accelerate would load with full pickle, which can "
+            "run code. This version never writes them (an earlier one did, or someone put them there). Resume from a "
+            "checkpoint written by this version, or start a new --output_dir."
+        )
+    try:
+        with open(os.path.join(path, STATE_FILE)) as file:
+            saved_state = json.load(file)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"Cannot resume from {path}: its {STATE_FILE} is missing or damaged ({error}).") from error
     mismatches = {
         key: (saved_state.get(key), value) for key, value in run_state.items() if saved_state.get(key) != value
     }
     if mismatches:
         details = ", ".join(f"{key} was {saved} and is now {now}" for key, (saved, now) in mismatches.items())
-        raise ValueError(
+        raise UsageError(
             f"Cannot resume exactly from {path}: {details}. Resume with the same --seed and the same global batch "
             "(--train_batch_size x processes x --gradient_accumulation_steps), or start a new --output_dir."
         )
+    if (ema_model is not None) != ("ema" in saved_state):
+        raise UsageError(
+            f"Cannot resume from {path}: it was saved {'with' if 'ema' in saved_state else 'without'} --use_ema; "
+            "resume with the same setting."
+        )
     try:
-        accelerator.load_state(path)
-    except Exception as error:  # truncated or foreign files: torch, safetensors and accelerate raise their own types
-        raise ValueError(
+        accelerator.load_state(path)  # model from safetensors; optimizer and RNG with weights_only=True
+        lr_scheduler.load_state_dict(saved_state["lr_scheduler"])
+        if ema_model is not None:
+            shadow_params = load_file(os.path.join(path, EMA_FILE), device=str(accelerator.device))
+            ema_model.load_state_dict(
+                {**saved_state["ema"], "shadow_params": [shadow_params[str(i)] for i in range(len(shadow_params))]}
+            )
+    # Truncated or foreign files: torch raises RuntimeError or UnpicklingError (also for a file holding anything but
+    # tensors), safetensors SafetensorError, a missing file OSError, a mismatched state KeyError or ValueError.
+    except (OSError, RuntimeError, pickle.UnpicklingError, SafetensorError, KeyError, ValueError) as error:
+        raise UsageError(
             f"Cannot resume from {path}: it is damaged or belongs to another model ({type(error).__name__}: "
             f"{error}). Resume from an older one with --resume_from_checkpoint PATH, or start a new --output_dir."
         ) from error

@@ -15,6 +15,8 @@ import datasets
 import numpy as np
 import torch
 
+from .errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN = "image"
@@ -87,22 +89,27 @@ def fit_validation_indices(
 def load_image_class_dataset(dataset: str) -> datasets.DatasetDict:
     """Load `dataset` (a Hub id or a local folder) and check it has `image` and `label` columns.
 
-    Raises `ValueError` naming the problem and the fix when the folder is missing, the Hub is unreachable or the
+    Raises [`UsageError`] naming the problem and the fix when the folder is missing, the Hub is unreachable or the
     columns are wrong.
     """
     # A Hub id is `name` or `namespace/name`; anything else that is not an existing folder is a mistyped path.
     looks_like_path = (
         dataset.startswith(("/", ".", "~")) or dataset.count("/") > 1 or os.sep in dataset.replace("/", "")
     )
+    if os.path.isfile(os.path.expanduser(dataset)):
+        raise UsageError(
+            f"--dataset {dataset!r} is a file; pass the folder that holds the dataset (the `ylecun/mnist` layout: "
+            "mnist/train-*.parquet and mnist/test-*.parquet, like data/mnist) or a Hub dataset id."
+        )
     if looks_like_path and not os.path.isdir(os.path.expanduser(dataset)):
-        raise ValueError(
+        raise UsageError(
             f"Dataset folder {dataset!r} does not exist. Pass a folder in the `ylecun/mnist` layout "
             "(like data/mnist) or a Hub dataset id."
         )
     try:
         dataset_dict = datasets.load_dataset(os.path.expanduser(dataset))
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
-        raise ValueError(
+        raise UsageError(
             f"Could not load dataset {dataset!r}: {error}. Pass a local folder in the `ylecun/mnist` "
             "layout (parquet files with `image` and `label` columns), or a Hub id on a machine that "
             "can reach the Hub."
@@ -110,7 +117,7 @@ def load_image_class_dataset(dataset: str) -> datasets.DatasetDict:
     for split_name, split in dataset_dict.items():
         missing = [column for column in (IMAGE_COLUMN, LABEL_COLUMN) if column not in split.column_names]
         if missing:
-            raise ValueError(
+            raise UsageError(
                 f"Dataset {dataset!r} split {split_name!r} has columns {split.column_names} but lacks "
                 f"{missing}; it needs an `image` column of images and a `label` column of class ids."
             )
@@ -157,10 +164,10 @@ def load_split(
     """
     dataset_dict = load_image_class_dataset(dataset)
     if split not in dataset_dict:
-        raise ValueError(f"Dataset {dataset!r} has no split {split!r}; it has {list(dataset_dict)}.")
+        raise UsageError(f"Dataset {dataset!r} has no split {split!r}; it has {list(dataset_dict)}.")
     data = dataset_dict[split]
     if len(data) == 0:
-        raise ValueError(f"Split {split!r} of dataset {dataset!r} is empty.")
+        raise UsageError(f"Split {split!r} of dataset {dataset!r} is empty.")
 
     first_image = data[0][IMAGE_COLUMN]
     if first_image.mode != "L" or first_image.size != (resolution, resolution):

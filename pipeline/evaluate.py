@@ -25,6 +25,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from .classifier import MNISTClassifier, accuracy, fit_classifier, load_fit_and_validation, load_or_train_classifier
 from .data import ImageClassData, load_split
+from .errors import UsageError
 from .loading import load_pipeline
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
 from .schedulers import SCHEDULERS, set_scheduler
@@ -59,7 +60,7 @@ def load_evaluation_set(
 ) -> EvaluationSet:
     """The cached classifier (trained on first use) and the held-out sets for `reference` ("test" or "validation")."""
     if reference not in REFERENCES:
-        raise ValueError(f"Unknown reference {reference!r}; use one of {list(REFERENCES)}.")
+        raise UsageError(f"Unknown reference {reference!r}; use one of {list(REFERENCES)}.")
     fit_and_validation = load_fit_and_validation(dataset)
     classifier, record = load_or_train_classifier(
         dataset, classifier_cache_dir, max_train_samples=classifier_train_samples, fit_and_validation=fit_and_validation
@@ -122,7 +123,7 @@ def draw_like(pool: ImageClassData, labels: torch.Tensor, seed: int) -> ImageCla
         wanted = (labels == class_id).nonzero().squeeze(1)
         members = (pool.labels == class_id).nonzero().squeeze(1)
         if len(wanted) > len(members):
-            raise ValueError(
+            raise UsageError(
                 f"The real-data pool has only {len(members)} images of class {class_id}, fewer than the {len(wanted)} "
                 "asked for; lower --num_images_per_label."
             )
@@ -359,6 +360,6 @@ if __name__ == "__main__":
     arguments = parse_args()
     try:
         main(arguments)
-    except (ValueError, OSError) as error:
+    except UsageError as error:  # bad model folder, dataset or flags: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

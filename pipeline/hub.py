@@ -5,8 +5,11 @@ import os
 
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 
-# Run-time leftovers that do not belong in a shared model repository.
-UPLOAD_IGNORE = ["checkpoints/**", "logs/**", "wandb/**", "*.tmp*", "**/*.tmp*"]
+from .errors import TrainingError
+
+# Run-time folders beside the pipeline that do not belong in a shared model repository or artifact.
+RUN_LEFTOVERS = ("checkpoints", "logs", "wandb")
+UPLOAD_IGNORE = [f"{folder}/**" for folder in RUN_LEFTOVERS] + [".*", ".*/**", "*.tmp*", "**/*.tmp*"]
 
 CARD_TEMPLATE = """---
 {metadata}
@@ -130,7 +133,19 @@ def local_dataset_name(folder: str) -> str:
 
 
 def push_folder(output_dir: str, hub_model_id: str, hub_token: str | None) -> str:
-    """Upload the saved pipeline folder (not checkpoints or logs) to `hub_model_id`; return the repo URL."""
-    repo_id = create_repo(hub_model_id, token=hub_token, exist_ok=True).repo_id
-    upload_folder(repo_id=repo_id, folder_path=output_dir, token=hub_token, ignore_patterns=UPLOAD_IGNORE)
+    """Upload the saved pipeline folder (not checkpoints or logs) to `hub_model_id`; return the repo URL.
+
+    Raises:
+        [`TrainingError`]: when the upload fails (network, auth, offline mode, a bad id); the message says that the
+        local folder is complete and how to upload it later.
+    """
+    try:
+        repo_id = create_repo(hub_model_id, token=hub_token, exist_ok=True).repo_id
+        upload_folder(repo_id=repo_id, folder_path=output_dir, token=hub_token, ignore_patterns=UPLOAD_IGNORE)
+    # huggingface_hub's network, auth and offline-mode errors are OSErrors; a malformed id is a ValueError.
+    except (OSError, ValueError) as error:
+        raise TrainingError(
+            f"The pipeline is saved in {output_dir}, but pushing it to the Hub as {hub_model_id!r} failed: "
+            f"{type(error).__name__}: {error}. Upload it later with `hf upload {hub_model_id} {output_dir}`."
+        ) from error
     return f"https://huggingface.co/{repo_id}"

@@ -5,8 +5,12 @@ import os
 
 import torch
 from diffusers import DiffusionPipeline
+from safetensors import SafetensorError
 
+from .errors import UsageError
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
+
+PICKLE_EXTENSIONS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def load_pipeline(
@@ -15,40 +19,56 @@ def load_pipeline(
     """Load `model` (a folder written by training, or a Hub id) on `device` (default: CUDA when available).
 
     Weights are read from safetensors only: pickle (`.bin`) weights can run arbitrary code when loaded. The folder's
-    own copy of the code runs only with `trust_remote_code`; otherwise this package's classes are used.
+    own copy of the code runs only with `trust_remote_code`; otherwise this package's classes are used. The weights
+    are loaded in `dtype` (diffusers' `torch_dtype`), not cast afterwards.
 
     Raises:
-        `ValueError`: naming the folder and the problem (not a pipeline, weights missing, truncated or pickled...).
+        [`UsageError`]: naming the folder and the problem (not a pipeline, weights missing, truncated or pickled...).
     """
-    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
-        raise ValueError(
-            f"{model!r} is not a saved pipeline (no model_index.json); pass the --output_dir of a finished "
-            "train_conditional.py run."
-        )
     if os.path.isdir(model):
-        pickled = [name for name in _component_files(model) if name.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
-        if pickled:
-            raise ValueError(
-                f"{model!r} holds pickle weights ({', '.join(pickled)}), which can run code when loaded; only "
-                "safetensors weights are accepted. Convert them with safetensors in a trusted environment."
-            )
+        check_folder(model)
     try:
         if trust_remote_code:
-            pipe = DiffusionPipeline.from_pretrained(model, trust_remote_code=True, use_safetensors=True)
+            pipe = DiffusionPipeline.from_pretrained(
+                model, trust_remote_code=True, use_safetensors=True, torch_dtype=dtype
+            )
         else:
-            pipe = ClassConditionedDDIMPipeline.from_pretrained(model, use_safetensors=True)
-    except Exception as error:  # diffusers, safetensors and the Hub client each raise their own types
-        raise ValueError(f"Could not load a pipeline from {model!r}: {type(error).__name__}: {error}") from error
-    return pipe.to(device=device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=dtype)
+            pipe = ClassConditionedDDIMPipeline.from_pretrained(model, use_safetensors=True, torch_dtype=dtype)
+    # What diffusers, safetensors and the Hub client raise for a missing, truncated or foreign folder or id (Hub
+    # errors are OSErrors, a bad config value a ValueError or TypeError); anything else is a bug and keeps its trace.
+    except (OSError, ValueError, TypeError, SafetensorError) as error:
+        raise UsageError(f"Could not load a pipeline from {model!r}: {type(error).__name__}: {error}") from error
+    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _component_files(folder: str) -> list[str]:
-    """Files of the components model_index.json lists (not checkpoints/ or logs a training run leaves beside them)."""
-    with open(os.path.join(folder, "model_index.json")) as file:
-        components = [name for name in json.load(file) if not name.startswith("_")]
-    return [
+def check_folder(folder: str) -> None:
+    """Refuse a folder that is not a saved pipeline, whose `model_index.json` is not JSON, or that holds pickle
+    weights, with the file and the fix named."""
+    index_file = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_file):
+        raise UsageError(
+            f"{folder!r} is not a saved pipeline (no model_index.json); pass the --output_dir of a finished "
+            "train_conditional.py run."
+        )
+    try:
+        with open(index_file) as file:
+            index = json.load(file)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(
+            f"{index_file} is not valid JSON ({error}); restore it from the run that wrote it, or retrain."
+        ) from error
+    if not isinstance(index, dict):
+        raise UsageError(f"{index_file} holds a JSON {type(index).__name__}, not a pipeline index (an object).")
+    # Only the components model_index.json lists: checkpoints/ and logs a training run leaves beside them do not count.
+    components = [name for name in index if not name.startswith("_") and os.path.isdir(os.path.join(folder, name))]
+    pickled = [
         os.path.join(component, name)
         for component in components
-        if os.path.isdir(os.path.join(folder, component))
         for name in os.listdir(os.path.join(folder, component))
+        if name.endswith(PICKLE_EXTENSIONS)
     ]
+    if pickled:
+        raise UsageError(
+            f"{folder!r} holds pickle weights ({', '.join(pickled)}), which can run code when loaded; only "
+            "safetensors weights are accepted. Convert them with safetensors in a trusted environment."
+        )

@@ -9,6 +9,8 @@ from diffusers import (
 )
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
+from .errors import UsageError
+
 SCHEDULERS = {
     "ddim": DDIMScheduler,
     "ddpm": DDPMScheduler,
@@ -27,6 +29,6 @@ def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
     conditional accuracy instead of 96 % for the `quick` preset).
     """
     if name not in SCHEDULERS:
-        raise ValueError(f"Unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}.")
+        raise UsageError(f"Unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}.")
     config = pipe.scheduler.config
     pipe.scheduler = SCHEDULERS[name].from_config(config, timestep_spacing=config.get("timestep_spacing", "leading"))

@@ -1,9 +1,9 @@
 """The training loop: `train(args)` reads top to bottom, in the order of diffusers' `train_unconditional.py`.
 
-Randomness is a function of the run, not of the machine: the data order depends only on (seed, epoch) and each
-step's noise, timesteps and class dropout only on (seed, global step), drawn for the whole global batch and sliced.
-So 1 process x B, 2 processes x B/2 and 1 process x B/2 with 2 accumulation steps train the same model, and a run
-resumed from a checkpoint continues exactly where it stopped.
+Randomness is a function of the run, not of the machine (`pipeline/batches.py`), so any split of the global batch
+over processes and accumulation steps trains the same model, and a resumed run continues exactly where it stopped.
+The helpers beside `train` keep the loop short: stop signals, the divergence check, the logging window, and the end
+of the run (final pipeline, summary, model card).
 """
 
 import argparse
@@ -14,45 +14,50 @@ import os
 import resource
 import signal
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDIMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from diffusers.utils.torch_utils import is_compiled_module
 from tqdm.auto import tqdm
 
+from .batches import draw_global_batch_noise, epoch_permutation, local_chunk
 from .checkpointing import (
+    checkpoint_bytes,
+    ensure_free_space,
     find_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    pipeline_bytes,
     prepare_output_dir,
     save_checkpoint,
     save_pipeline,
 )
 from .data import load_split
-from .evaluate import load_evaluation_set
+from .errors import TrainingError, UsageError
+from .evaluate import EvaluationSet, load_evaluation_set
 from .hub import push_folder, write_model_card
 from .modeling_class_conditioned_unet import ClassConditionedUNet
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
 from .schedulers import set_scheduler
-from .validation import log_validation, prepare_trackers, save_loss_curve
+from .validation import (
+    log_model_artifact,
+    log_validation,
+    save_loss_curve,
+    tracker_init_kwargs,
+    tracker_names,
+    wandb_run_id,
+)
 
 logger = get_logger(__name__)
 
 CPU_MICRO_BATCH_SIZE = 128  # the fastest micro-batch for the seed model on a 2-core AVX2 CPU (bench/)
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (diverged loss, stop signal, failed upload): the CLI prints the message, no traceback."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def build_model(args: argparse.Namespace, label_names: list[str]) -> ClassConditionedUNet:
@@ -79,7 +84,7 @@ def build_model(args: argparse.Namespace, label_names: list[str]) -> ClassCondit
     try:
         return ClassConditionedUNet.from_config(config)
     except (TypeError, ValueError) as error:  # e.g. "layers_per_block": "two" in a hand-written config
-        raise ValueError(f"Cannot build the model from {args.model_config or 'the model flags'}: {error}") from error
+        raise UsageError(f"Cannot build the model from {args.model_config or 'the model flags'}: {error}") from error
 
 
 def diffusion_loss(
@@ -100,7 +105,7 @@ def diffusion_loss(
     elif prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(clean_images, noise, timesteps)
     else:
-        raise ValueError(f"Unknown prediction_type {prediction_type!r}; use 'epsilon' or 'v_prediction'.")
+        raise UsageError(f"Unknown prediction_type {prediction_type!r}; use 'epsilon' or 'v_prediction'.")
     if snr_gamma is None:
         return F.mse_loss(model_output.float(), target.float())
     snr = compute_snr(noise_scheduler, timesteps)
@@ -108,16 +113,6 @@ def diffusion_loss(
     weights = snr.clamp(max=snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
     per_sample = F.mse_loss(model_output.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * weights).mean()
-
-
-def global_step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The generator for everything random in one optimizer step: a function of (seed, step) alone."""
-    return torch.Generator(device=device).manual_seed(seed * 2**32 + step)
-
-
-def epoch_permutation(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
-    """The order in which one epoch visits the samples: a function of (seed, epoch) alone."""
-    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 2**32 + epoch))
 
 
 def build_pipeline(
@@ -157,7 +152,7 @@ def micro_batch_size_for(args: argparse.Namespace, on_cpu: bool) -> int:
     against 58 img/s as 4 x 128), so by default a CPU splits each batch into the largest divisor up to 128."""
     if args.micro_batch_size:
         if args.train_batch_size % args.micro_batch_size:
-            raise ValueError(
+            raise UsageError(
                 f"--micro_batch_size {args.micro_batch_size} must divide --train_batch_size {args.train_batch_size}."
             )
         return args.micro_batch_size
@@ -167,13 +162,13 @@ def micro_batch_size_for(args: argparse.Namespace, on_cpu: bool) -> int:
 
 
 def train(args: argparse.Namespace) -> None:
-    started = time.perf_counter()
-    # 1. accelerator: processes, device and precision come from `accelerate launch` / its config file
-    trackers, tracker_init_kwargs = prepare_trackers(args)
+    run_time = RunTime(started=time.perf_counter())
+    # 1. accelerator: processes, device, precision and torch.compile (`--dynamo_backend`) come from `accelerate launch`
     on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     micro_batch_size = micro_batch_size_for(args, on_cpu)
     # Every micro-batch is one accelerate accumulation step; gradients are synced once per optimizer step.
     micro_steps = args.gradient_accumulation_steps * (args.train_batch_size // micro_batch_size)
+    trackers = tracker_names(args.report_to)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=micro_steps,
@@ -184,29 +179,13 @@ def train(args: argparse.Namespace) -> None:
         # Without a GPU, accelerate only sets up gloo data parallelism when told to use the CPU: otherwise
         # `--multi_gpu --num_processes 2` silently starts two unconnected single-process runs.
         cpu=on_cpu,
-        # torch.compile through accelerate (also settable in the launch config's dynamo section).
-        dynamo_plugin=TorchDynamoPlugin(backend=args.compile_backend, mode=args.compile_mode)
-        if args.torch_compile
-        else None,
     )
     if args.allow_tf32:  # Ampere+ GPUs: TF32 matmuls and convolutions, ~2x faster than fp32 at ~fp16 precision
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
-    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != launched_processes:
-        raise ValueError(
-            f"The launcher started {launched_processes} processes but accelerate sees {accelerator.num_processes}: "
-            "they would train independently. Launch with a config whose distributed_type is MULTI_GPU (with "
-            "use_cpu: true on CPU machines), e.g. accelerate_configs/multi_cpu.yaml."
-        )
-    if args.mixed_precision == "fp16" and accelerator.device.type != "cuda":
-        # accelerate would silently run fp32 here while reporting fp16; say so instead.
-        raise ValueError(
-            "--mixed_precision fp16 needs a CUDA GPU (it relies on a gradient scaler); on this "
-            f"{accelerator.device.type} device use --mixed_precision bf16 or no."
-        )
+    check_launch(accelerator, args)
     prepare_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
 
     # 2. data: decoded once into a uint8 tensor that lives on the training device (or, for a split too large for
@@ -223,7 +202,7 @@ def train(args: argparse.Namespace) -> None:
     model = build_model(args, train_data.label_names)
     low, high = int(train_data.labels.min()), int(train_data.labels.max())
     if low < 0 or high >= model.config.num_classes:
-        raise ValueError(
+        raise UsageError(
             f"Dataset {args.dataset!r} has labels outside 0..{model.config.num_classes - 1} (from {low} to {high}; "
             "-1 marks unlabelled rows): every training image needs one of its classes."
         )
@@ -248,116 +227,57 @@ def train(args: argparse.Namespace) -> None:
         timestep_spacing="leading",  # DDIM's default, written out so the saved config and every sampler keep it
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
+    # Found now rather than after hours of training: room for a checkpoint and the final pipeline.
+    checkpoint_size, pipeline_size = checkpoint_bytes(model, ema_model), pipeline_bytes(model)
+    needed = pipeline_size + checkpoint_size * bool(args.checkpointing_steps)
+    ensure_free_space(accelerator, args.output_dir, needed, "a checkpoint and the final pipeline")
 
     # 4. the step arithmetic: one optimizer step always consumes one global batch
-    local_batch_size = args.train_batch_size
-    global_batch_size = local_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    global_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     steps_per_epoch = num_samples // global_batch_size  # the incomplete last batch is dropped
     if steps_per_epoch == 0:
-        raise ValueError(
-            f"The global batch ({global_batch_size} = {local_batch_size} per process x "
+        raise UsageError(
+            f"The global batch ({global_batch_size} = {args.train_batch_size} per process x "
             f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation "
             f"steps) is larger than the dataset ({num_samples} images); lower --train_batch_size."
         )
     max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-
     # The LR schedule is stepped once per optimizer step by us, not by accelerate (whose prepared scheduler steps
     # once per process), so warmup and decay count optimizer steps whatever the launch set-up.
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    if ema_model is not None:
-        accelerator.register_for_checkpointing(ema_model)
     # What a checkpoint's data position and noise mean; resuming under other values would not continue the run.
     run_state = {"seed": args.seed, "global_batch_size": global_batch_size, "max_train_samples": num_samples}
 
-    if accelerator.is_main_process:
-        accelerator.init_trackers(
-            args.tracker_project_name,
-            config=tracker_config(args),
-            init_kwargs=tracker_init_kwargs,
-        )
-    # The validation metrics judge samples with a classifier trained once per dataset and cached (main process),
-    # against the validation reference: what training shows may steer choices, so it never scores the model
-    # against the test split.
-    evaluation = None
-    if accelerator.is_main_process and args.validation_images_per_label:
-        evaluation = load_evaluation_set(
-            args.dataset, "validation", args.classifier_cache_dir, args.classifier_train_samples
-        )
-        smallest_class = int(evaluation.floor_pool.labels.bincount().min())
-        if args.validation_images_per_label > smallest_class:  # found now, not after training
-            raise ValueError(
-                f"--validation_images_per_label {args.validation_images_per_label} is more than the real-data floor's "
-                f"pool holds for its smallest class ({smallest_class}); lower it."
-            )
-    accelerator.wait_for_everyone()
-
-    if args.preset:
-        logger.info(f"Preset {args.preset!r}; the run's settings: {json.dumps(tracker_config(args))}")
-    logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {num_samples}")
-    logger.info(f"  Num epochs = {num_epochs}")
-    logger.info(f"  Batch size per device = {local_batch_size}")
-    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {global_batch_size}")
-    logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
-    logger.info(f"  Micro-batch size = {micro_batch_size} ({micro_steps} passes per process per optimizer step)")
-    logger.info(f"  Total optimization steps = {max_train_steps}")
-
     # 5. resume: the data position and the noise follow from the global step alone
-    # A resumed run's wall time is the earlier segments' time, as their checkpoints recorded it, plus this one's.
-    global_step, earlier_segments_s, segment = 0, 0.0, 1
-    if args.resume_from_checkpoint:
-        checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
-        if checkpoint is None:
-            logger.info(f"No checkpoint found in {args.output_dir}; starting a new run.")
-        else:
-            logger.info(f"Resuming from {checkpoint}")
-            saved_state = load_checkpoint(accelerator, checkpoint, run_state)
-            global_step = saved_state["global_step"]
-            earlier_segments_s = saved_state.get("train_time_s", 0.0)
-            segment = saved_state.get("segment", 1) + 1
-    first_step = global_step
+    checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    saved_state = {}
+    if checkpoint:
+        logger.info(f"Resuming from {checkpoint}")
+        saved_state = load_checkpoint(accelerator, checkpoint, run_state, lr_scheduler, ema_model)
+    elif args.resume_from_checkpoint:
+        logger.info(f"No checkpoint found in {args.output_dir}; starting a new run.")
+    global_step = first_step = saved_state.get("global_step", 0)
+    run_time.resumed(saved_state)
 
-    # SIGTERM (what schedulers send before preemption) or Ctrl-C: finish the step, checkpoint, exit. accelerate's
-    # trigger is an all-reduced flag, so every process stops after the same step even if only one got the signal.
-    received_signals = []
-
-    def request_stop(signum: int, frame) -> None:
-        received_signals.append(signum)
-        accelerator.set_trigger()
-        signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, request_stop)
+    # 6. trackers (a resumed run continues its W&B run) and the evaluation set for the validation metrics
+    if accelerator.is_main_process:
+        project, init_kwargs = tracker_init_kwargs(args, trackers, saved_state.get("wandb_run_id"))
+        accelerator.init_trackers(project, config=tracker_config(args), init_kwargs=init_kwargs)
+    evaluation = load_validation_evaluation(accelerator, args)
+    log_banner(args, num_samples, steps_per_epoch, max_train_steps, global_batch_size, micro_batch_size, micro_steps)
 
     # Train!
+    stop_signals = StopSignals(accelerator)
+    divergence = DivergenceCheck(accelerator)
+    window = LoggingWindow(accelerator, global_batch_size, first_step)
     progress_bar = tqdm(
         range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     model.train()
     permutation_epoch, permutation = None, None
-    running_loss, steps_since_log, mean_loss = torch.zeros((), device=accelerator.device), 0, float("nan")
-    last_window_images_per_s = float("nan")  # throughput of the last logging window: steady state, after warm-up
-    # The first step whose loss was not finite, kept on the device (no per-step sync) and checked before anything
-    # is logged or saved, so a diverged run never writes a checkpoint or pipeline of garbage.
-    first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
-
-    def stop_if_diverged() -> None:
-        bad_step = int(accelerator.reduce(first_bad_step, reduction="max").item())  # 0 if every loss was finite
-        if bad_step:
-            checkpoints = list_checkpoints(args.output_dir)
-            raise TrainingError(
-                f"The loss became NaN or infinite at step {bad_step}; stopping instead of training on garbage. Last "
-                f"good checkpoint: {checkpoints[-1] if checkpoints else 'none'}. Lower --learning_rate or set "
-                "--max_grad_norm."
-            )
-
-    loss_history: list[tuple[int, float]] = []
-    loop_started = last_log_time = time.perf_counter()
     while global_step < max_train_steps:
         epoch, batch_in_epoch = divmod(global_step, steps_per_epoch)
         if epoch != permutation_epoch:
@@ -369,26 +289,17 @@ def train(args: argparse.Namespace) -> None:
         else:
             global_images = train_data.take(global_indices.cpu()).to(accelerator.device)
         global_labels = class_labels_all[global_indices]
-
         # Noise, timesteps and class dropout for the whole global batch; each process slices its own part.
-        generator = global_step_generator(args.seed, global_step, accelerator.device)
-        global_noise = torch.randn(global_images.shape, generator=generator, device=accelerator.device)
-        global_timesteps = torch.randint(
-            0, args.num_train_timesteps, (global_batch_size,), generator=generator, device=accelerator.device
-        )
-        global_dropped = torch.rand(global_batch_size, generator=generator, device=accelerator.device)
-        global_dropped = global_dropped < args.class_dropout_prob
+        draw = draw_global_batch_noise(args.seed, global_step, global_images.shape, args.num_train_timesteps,
+                                       args.class_dropout_prob, accelerator.device)  # fmt: skip
         log_this_step = (global_step + 1) % args.logging_steps == 0 or global_step + 1 == max_train_steps
 
         for micro_step in range(micro_steps):
-            # Chunk order (micro step, then process) matches how accelerate shards a dataloader's batches.
-            chunk = micro_step * accelerator.num_processes + accelerator.process_index
-            local = slice(chunk * micro_batch_size, (chunk + 1) * micro_batch_size)
+            local = local_chunk(micro_step, accelerator.process_index, accelerator.num_processes, micro_batch_size)
             with accelerator.accumulate(model):
                 clean_images = global_images[local].float() / 127.5 - 1  # uint8 0..255 -> [-1, 1], as in the seed
-                class_labels = torch.where(global_dropped[local], null_class_id, global_labels[local])
-                noise = global_noise[local]
-                timesteps = global_timesteps[local]
+                class_labels = torch.where(draw.dropped[local], null_class_id, global_labels[local])
+                noise, timesteps = draw.noise[local], draw.timesteps[local]
                 # forward diffusion process: add noise to the clean images according to each timestep
                 noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
 
@@ -401,118 +312,263 @@ def train(args: argparse.Namespace) -> None:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            running_loss += loss.detach() / micro_steps
-            first_bad_step = torch.where(
-                (first_bad_step == 0) & ~torch.isfinite(loss.detach()), global_step + 1, first_bad_step
-            )
+            window.add(loss.detach() / micro_steps)  # the step's loss: the mean over its micro-batches
+            divergence.record(loss.detach(), global_step + 1)
 
         # One optimizer step is done (accelerate synced the gradients on the last micro step).
         lr_scheduler.step()
         if ema_model is not None:
             ema_model.step(model.parameters())
         global_step += 1
-        steps_since_log += 1
         progress_bar.update(1)
 
         # check_trigger reads a flag back from the device: on a GPU only at steps that sync anyway, so that the host
         # can queue the next step while this one runs (a stop then waits at most --logging_steps steps).
         save_due = bool(args.checkpointing_steps) and global_step % args.checkpointing_steps == 0
         stop_requested = accelerator.check_trigger() if (on_cpu or log_this_step or save_due) else False
-        save_now = stop_requested or save_due
-        if log_this_step or save_now:
-            stop_if_diverged()
+        if log_this_step or save_due or stop_requested:
+            divergence.raise_if_diverged(args.output_dir)  # nothing is logged or saved from a diverged run
         if log_this_step:
-            # .item() waits for the device, so it happens every logging_steps, not every step.
-            mean_loss = accelerator.reduce(running_loss, reduction="mean").item() / steps_since_log
-            now = time.perf_counter()
-            logs = {
-                "loss": mean_loss,
-                "lr": lr_scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm.item(),
-                "images_per_s": steps_since_log * global_batch_size / (now - last_log_time),
-                "epoch": global_step / steps_per_epoch,
-            }
+            logs = {**window.close(global_step), "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
+                    "epoch": global_step / steps_per_epoch}  # fmt: skip
             if ema_model is not None:
                 logs["ema_decay"] = ema_model.cur_decay_value
-            running_loss.zero_()
-            steps_since_log, last_log_time = 0, now
-            loss_history.append((global_step, mean_loss))
-            last_window_images_per_s = logs["images_per_s"]
-            progress_bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{logs['images_per_s']:.0f}")
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_s']:.0f}")
             accelerator.log(logs, step=global_step)
-
-        if save_now:
-            train_time_s = round(earlier_segments_s + time.perf_counter() - started, 2)
+        if save_due or stop_requested:
             checkpoint = save_checkpoint(
                 accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
-                {**run_state, "train_time_s": train_time_s, "segment": segment},
+                {**run_state, "train_time_s": run_time.total_s(), "segment": run_time.segment,
+                 "wandb_run_id": wandb_run_id(accelerator)},
+                lr_scheduler, ema_model, needed_bytes=checkpoint_size,
             )  # fmt: skip
         if stop_requested:
-            name = signal.Signals(received_signals[0]).name if received_signals else "a signal on another process"
-            raise TrainingError(
-                f"Stopped by {name} after step {global_step} of {max_train_steps}; saved {checkpoint}. Resume with "
-                "the same command plus --resume_from_checkpoint latest.",
-                exit_code=128 + (received_signals[0] if received_signals else signal.SIGTERM),
-            )
-
+            raise stop_signals.stopped_error(global_step, max_train_steps, checkpoint)
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < max_train_steps:
             pipeline = build_pipeline(accelerator, model, ema_model, noise_scheduler, args)  # every process (gathers)
             if accelerator.is_main_process:
                 log_validation(accelerator, pipeline, args, global_step, evaluation)
             accelerator.wait_for_everyone()
 
-    # 6. the final pipeline: exactly what `ClassConditionedDDIMPipeline.from_pretrained(output_dir)` loads
-    loop_time = time.perf_counter() - loop_started
+    # 7. the final pipeline: exactly what `ClassConditionedDDIMPipeline.from_pretrained(output_dir)` loads
     progress_bar.close()
     accelerator.wait_for_everyone()
-    stop_if_diverged()
+    divergence.raise_if_diverged(args.output_dir)
     pipeline = build_pipeline(accelerator, model, ema_model, noise_scheduler, args)
     if accelerator.is_main_process:
-        save_pipeline(pipeline, args.output_dir)
+        save_pipeline(pipeline, args.output_dir, needed_bytes=pipeline_size)
         logger.info(f"Saved the pipeline to {args.output_dir}")
         final_metrics = log_validation(accelerator, pipeline, args, global_step, evaluation)
-        if loss_history:
-            save_loss_curve(loss_history, os.path.join(args.output_dir, "loss_curve.png"))
-        segment_s = time.perf_counter() - started
-        summary = {
-            "global_step": global_step,
-            "steps_this_run": global_step - first_step,
-            "final_loss": mean_loss,
-            "global_batch_size": global_batch_size,
-            "num_processes": accelerator.num_processes,
-            "distributed_type": str(accelerator.distributed_type.value),
-            "mixed_precision": accelerator.mixed_precision,
-            "device": accelerator.device.type,
-            "compiled": is_compiled_module(model),  # what prepare() returned, not just what was asked for
-            "wall_time_s": round(segment_s, 2),  # this segment (process start to summary)
-            "total_train_time_s": round(earlier_segments_s + segment_s, 2),
-            "segments": segment,
-            "train_loop_s": round(loop_time, 2),
-            "images_per_s": round((global_step - first_step) * global_batch_size / loop_time, 2),
-            "images_per_s_last_window": round(last_window_images_per_s, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            if torch.cuda.is_available()
-            else None,
-            "final_metrics": final_metrics,
-            "loss_history": loss_history,  # (step, mean loss of the logging window) of this segment
-        }
-        with open(os.path.join(args.output_dir, "training_summary.json"), "w") as file:
-            json.dump(summary, file, indent=2)
-        write_model_card(args.output_dir, vars(args), summary, pipeline.unet.config.id2label,
-                         type(pipeline.scheduler).__name__)  # fmt: skip
+        write_run_summary(accelerator, model, args, pipeline, window, run_time, final_metrics,
+                          global_step=global_step, steps_this_run=global_step - first_step)  # fmt: skip
+        if args.wandb_log_model and wandb_run_id(accelerator):
+            log_model_artifact(accelerator, args.output_dir)
     accelerator.end_training()
 
     if args.push_to_hub and accelerator.is_main_process:
         hub_model_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-        try:
-            url = push_folder(args.output_dir, hub_model_id, args.hub_token)
-        except Exception as error:  # network, auth, offline mode: the local save above stands either way
+        logger.info(f"Pushed the pipeline to {push_folder(args.output_dir, hub_model_id, args.hub_token)}")
+
+
+def check_launch(accelerator: Accelerator, args: argparse.Namespace) -> None:
+    """Refuse launch set-ups that would silently train something else than asked."""
+    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched_processes:
+        raise UsageError(
+            f"The launcher started {launched_processes} processes but accelerate sees {accelerator.num_processes}: "
+            "they would train independently. Launch with a config whose distributed_type is MULTI_GPU (with "
+            "use_cpu: true on CPU machines), e.g. accelerate_configs/multi_cpu.yaml."
+        )
+    if args.mixed_precision == "fp16" and accelerator.device.type != "cuda":
+        # accelerate would silently run fp32 here while reporting fp16; say so instead.
+        raise UsageError(
+            "--mixed_precision fp16 needs a CUDA GPU (it relies on a gradient scaler); on this "
+            f"{accelerator.device.type} device use --mixed_precision bf16 or no."
+        )
+
+
+def load_validation_evaluation(accelerator: Accelerator, args: argparse.Namespace) -> EvaluationSet | None:
+    """The main process's evaluation set for the validation metrics (None when they are off or on other processes).
+
+    It scores against the validation reference: what training shows may steer choices, so it never scores the model
+    against the test split. The classifier is trained once per dataset and cached.
+    """
+    evaluation = None
+    if accelerator.is_main_process and args.validation_images_per_label:
+        evaluation = load_evaluation_set(
+            args.dataset, "validation", args.classifier_cache_dir, args.classifier_train_samples
+        )
+        smallest_class = int(evaluation.floor_pool.labels.bincount().min())
+        if args.validation_images_per_label > smallest_class:  # found now, not after training
+            raise UsageError(
+                f"--validation_images_per_label {args.validation_images_per_label} is more than the real-data floor's "
+                f"pool holds for its smallest class ({smallest_class}); lower it."
+            )
+    accelerator.wait_for_everyone()
+    return evaluation
+
+
+def log_banner(
+    args: argparse.Namespace,
+    num_samples: int,
+    steps_per_epoch: int,
+    max_train_steps: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    micro_steps: int,
+) -> None:
+    if args.preset:
+        logger.info(f"Preset {args.preset!r}; the run's settings: {json.dumps(tracker_config(args))}")
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {num_samples}")
+    logger.info(f"  Num epochs = {math.ceil(max_train_steps / steps_per_epoch)}")
+    logger.info(f"  Batch size per device = {args.train_batch_size}")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {global_batch_size}")
+    logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
+    logger.info(f"  Micro-batch size = {micro_batch_size} ({micro_steps} passes per process per optimizer step)")
+    logger.info(f"  Total optimization steps = {max_train_steps}")
+
+
+@dataclass
+class RunTime:
+    """A run's wall time across resumes: the earlier segments' time, as their checkpoint recorded it, plus this one's
+    (from process start)."""
+
+    started: float
+    earlier_segments_s: float = 0.0
+    segment: int = 1
+
+    def resumed(self, saved_state: dict) -> None:
+        if saved_state:
+            self.earlier_segments_s = saved_state.get("train_time_s", 0.0)
+            self.segment = saved_state.get("segment", 1) + 1
+
+    def segment_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    def total_s(self) -> float:
+        return round(self.earlier_segments_s + self.segment_s(), 2)
+
+
+class StopSignals:
+    """SIGTERM (what schedulers send before preemption) or Ctrl-C: finish the step, checkpoint, exit.
+
+    accelerate's trigger is an all-reduced flag, so every process stops after the same step even if only one got the
+    signal. A second signal stops at once.
+    """
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.received: list[int] = []
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.request_stop)
+
+    def request_stop(self, signum: int, frame) -> None:
+        self.received.append(signum)
+        self.accelerator.set_trigger()
+        signal.signal(signum, signal.SIG_DFL)
+
+    def stopped_error(self, global_step: int, max_train_steps: int, checkpoint: str) -> TrainingError:
+        name = signal.Signals(self.received[0]).name if self.received else "a signal on another process"
+        return TrainingError(
+            f"Stopped by {name} after step {global_step} of {max_train_steps}; saved {checkpoint}. Resume with the "
+            "same command plus --resume_from_checkpoint latest.",
+            exit_code=128 + (self.received[0] if self.received else signal.SIGTERM),
+        )
+
+
+class DivergenceCheck:
+    """The first step whose loss was not finite, kept on the device (no per-step sync) and checked before anything
+    is logged or saved, so a diverged run never writes a checkpoint or pipeline of garbage."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        self.first_bad_step = torch.where((self.first_bad_step == 0) & ~torch.isfinite(loss), step, self.first_bad_step)
+
+    def raise_if_diverged(self, output_dir: str) -> None:
+        bad_step = int(self.accelerator.reduce(self.first_bad_step, reduction="max").item())  # 0: every loss finite
+        if bad_step:
+            checkpoints = list_checkpoints(output_dir)
             raise TrainingError(
-                f"The pipeline is saved in {args.output_dir}, but pushing it to the Hub as {hub_model_id!r} failed: "
-                f"{type(error).__name__}: {error}. Upload it later with `hf upload {hub_model_id} {args.output_dir}`."
-            ) from error
-        logger.info(f"Pushed the pipeline to {url}")
+                f"The loss became NaN or infinite at step {bad_step}; stopping instead of training on garbage. Last "
+                f"good checkpoint: {checkpoints[-1] if checkpoints else 'none'}. Lower --learning_rate or set "
+                "--max_grad_norm."
+            )
+
+
+class LoggingWindow:
+    """The mean loss and the throughput over the steps since the last log: the loss is summed on the device and read
+    back (a sync) once per log, not once per step."""
+
+    def __init__(self, accelerator: Accelerator, global_batch_size: int, first_step: int):
+        self.accelerator = accelerator
+        self.global_batch_size = global_batch_size
+        self.running_loss = torch.zeros((), device=accelerator.device)
+        self.last_step, self.started = first_step, time.perf_counter()
+        self.loop_started = self.started
+        self.loss_history: list[tuple[int, float]] = []  # (step, mean loss of the window) of this segment
+        self.mean_loss = self.last_images_per_s = float("nan")  # the last window's: steady state, after warm-up
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.running_loss += loss
+
+    def close(self, global_step: int) -> dict:
+        """The window's mean loss (over processes too) and images/s; the next window starts now."""
+        now, steps = time.perf_counter(), global_step - self.last_step
+        self.mean_loss = self.accelerator.reduce(self.running_loss, reduction="mean").item() / steps
+        self.last_images_per_s = steps * self.global_batch_size / (now - self.started)
+        self.loss_history.append((global_step, self.mean_loss))
+        self.running_loss.zero_()
+        self.last_step, self.started = global_step, now
+        return {"loss": self.mean_loss, "images_per_s": self.last_images_per_s}
+
+
+def write_run_summary(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    args: argparse.Namespace,
+    pipeline: ClassConditionedDDIMPipeline,
+    window: LoggingWindow,
+    run_time: RunTime,
+    final_metrics: dict,
+    global_step: int,
+    steps_this_run: int,
+) -> None:
+    """Main process: `training_summary.json`, the loss curve and the model card (README.md) of a finished run."""
+    loop_time = time.perf_counter() - window.loop_started
+    if window.loss_history:
+        save_loss_curve(window.loss_history, os.path.join(args.output_dir, "loss_curve.png"))
+    global_batch_size = window.global_batch_size
+    summary = {
+        "global_step": global_step,
+        "steps_this_run": steps_this_run,
+        "final_loss": window.mean_loss,
+        "global_batch_size": global_batch_size,
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type.value),
+        "mixed_precision": accelerator.mixed_precision,
+        "device": accelerator.device.type,
+        "compiled": is_compiled_module(model),  # what prepare() returned, not just what was asked for
+        "wall_time_s": round(run_time.segment_s(), 2),  # this segment (process start to summary)
+        "total_train_time_s": run_time.total_s(),
+        "segments": run_time.segment,
+        "train_loop_s": round(loop_time, 2),
+        "images_per_s": round(steps_this_run * global_batch_size / loop_time, 2),
+        "images_per_s_last_window": round(window.last_images_per_s, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        if torch.cuda.is_available()
+        else None,
+        "final_metrics": final_metrics,
+        "loss_history": window.loss_history,
+    }
+    with open(os.path.join(args.output_dir, "training_summary.json"), "w") as file:
+        json.dump(summary, file, indent=2)
+    write_model_card(args.output_dir, vars(args), summary, pipeline.unet.config.id2label,
+                     type(pipeline.scheduler).__name__)  # fmt: skip
 
 
 def tracker_config(args: argparse.Namespace) -> dict:

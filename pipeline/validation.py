@@ -11,19 +11,17 @@ from accelerate.logging import get_logger
 
 from .evaluate import EvaluationSet, generate_for_evaluation, score_images
 from .grid import labelled_grid
+from .hub import RUN_LEFTOVERS
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
 
 logger = get_logger(__name__)
 
 
-def prepare_trackers(args: argparse.Namespace) -> tuple[list[str], dict]:
-    """The accelerate trackers for `--report_to` and their `init_kwargs`, failing early when one is not installed.
+DEFAULT_PROJECT = "class-conditioned-mnist"
 
-    Without a W&B login (and with WANDB_MODE unset) W&B would stop at a login prompt; it logs offline instead, with
-    a one-line notice on how to upload the run later.
-    """
-    report_to = args.report_to
-    wandb_kwargs = {"name": args.run_name, "dir": args.output_dir}
+
+def tracker_names(report_to: str) -> list[str]:
+    """The accelerate trackers for `--report_to`, failing at start-up when one is not installed."""
     trackers = {"none": [], "all": ["wandb", "tensorboard"]}.get(report_to, [report_to])
     if "tensorboard" in trackers:
         try:
@@ -32,16 +30,67 @@ def prepare_trackers(args: argparse.Namespace) -> tuple[list[str], dict]:
             raise ImportError("--report_to tensorboard needs TensorBoard: pip install tensorboard") from error
     if "wandb" in trackers:
         try:
-            import wandb
+            import wandb  # noqa: F401
         except ImportError as error:
             raise ImportError("--report_to wandb needs Weights & Biases: pip install wandb") from error
+    return trackers
+
+
+def tracker_init_kwargs(
+    args: argparse.Namespace, trackers: list[str], resumed_wandb_run_id: str | None = None
+) -> tuple[str, dict]:
+    """The project name and the trackers' `init_kwargs` for `accelerator.init_trackers`.
+
+    W&B's own variables win over our defaults, flags over both: the project is `--tracker_project_name`, else
+    `WANDB_PROJECT`, else "class-conditioned-mnist"; the run name `--run_name`, else `WANDB_NAME`; the folder
+    `WANDB_DIR`, else `OUTPUT_DIR/wandb`. A resumed run continues the W&B run its checkpoint recorded (same id,
+    `resume="allow"`), so its charts are one line. Without a W&B login (and with WANDB_MODE unset) W&B would stop at
+    a login prompt; it logs offline instead, with a one-line notice on how to upload the run later.
+    """
+    project = args.tracker_project_name or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
+    wandb_kwargs = {}
+    if args.run_name:
+        wandb_kwargs["name"] = args.run_name
+    if not os.environ.get("WANDB_DIR"):
+        wandb_kwargs["dir"] = args.output_dir
+    if resumed_wandb_run_id:
+        wandb_kwargs.update(id=resumed_wandb_run_id, resume="allow")
+    if "wandb" in trackers:
+        import wandb
+
         if not os.environ.get("WANDB_MODE") and not wandb.login(prompt=False, verify=False):
             wandb_kwargs["mode"] = "offline"
             logging.getLogger(__name__).warning(
                 "W&B: no login found, so this run is logged offline under OUTPUT_DIR/wandb/. Upload it later with "
                 "`wandb sync OUTPUT_DIR/wandb/offline-run-*` (after `wandb login`), or set WANDB_MODE to choose."
             )
-    return trackers, {"wandb": wandb_kwargs}
+    return project, {"wandb": wandb_kwargs}
+
+
+def wandb_run_id(accelerator: Accelerator) -> str | None:
+    """The id of this process's W&B run (main process with --report_to wandb), else None."""
+    if not any(tracker.name == "wandb" for tracker in accelerator.trackers):
+        return None
+    return accelerator.get_tracker("wandb", unwrap=True).id
+
+
+def log_model_artifact(accelerator: Accelerator, output_dir: str) -> None:
+    """Main process: the saved pipeline folder as a W&B model artifact named `model-RUN_ID`, as transformers'
+    Trainer does with WANDB_LOG_MODEL: weights, configs, code, model card and grid; not checkpoints or logs."""
+    import wandb
+
+    run = accelerator.get_tracker("wandb", unwrap=True)
+    artifact = wandb.Artifact(name=f"model-{run.id}", type="model", description="ClassConditionedDDIMPipeline folder")
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if name in RUN_LEFTOVERS or name.startswith("."):
+            continue
+        if os.path.isdir(path):
+            artifact.add_dir(path, name=name)
+        else:
+            artifact.add_file(path, name=name)
+    run.log_artifact(artifact)
+    logger.info(f"Logged {output_dir} to W&B as the model artifact {artifact.name}")
 
 
 def log_validation(

@@ -36,6 +36,16 @@ TINY_TRAIN_FLAGS = [
 ]
 
 
+class CreatesMarker:
+    """Unpickling this object creates the file `path`: what a crafted pickle could do instead (run any code)."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def cli_env(**extra: str) -> dict:
     """Environment for CLI subprocesses: no network, no W&B login, quiet progress bars."""
     env = dict(

@@ -127,11 +127,11 @@ def test_micro_batches_train_the_same_model(single_process_run, tmp_path):
 
 
 def test_compiled_model_trains_the_same_model(single_process_run, tmp_path):
-    # The GPU speed path: torch.compile through accelerate's dynamo plugin, and a saved model without the compile
-    # wrapper's key prefix. aot_eager traces and runs the same ATen ops as eager, quickly on a CPU; inductor (the
-    # default, for GPUs) is measured by bench/gpu_check.sh.
+    # The GPU speed path: torch.compile as accelerate's launcher sets it (`--dynamo_backend`), and a saved model
+    # without the compile wrapper's key prefix. aot_eager traces and runs the same ATen ops as eager, quickly on a
+    # CPU; inductor (for GPUs) is measured by bench/gpu_check.sh.
     accelerate_launch("cpu.yaml", ["--output_dir", str(tmp_path), "--train_batch_size", "8", "--max_train_steps", "8",
-                                   "--torch_compile", "--compile_backend", "aot_eager", *RUN_FLAGS])  # fmt: skip
+                                   *RUN_FLAGS], launch_args=["--dynamo_backend", "aot_eager"])  # fmt: skip
     assert summary(tmp_path)["compiled"] and not summary(single_process_run)["compiled"]
     difference = max_difference(unet_weights(tmp_path), unet_weights(single_process_run))
     print(f"max |w(compiled, aot_eager) - w(eager)| = {difference:.3g}")

@@ -24,7 +24,7 @@ def test_training_writes_a_loadable_pipeline(trained_dir):
 
 def test_sample_cli_writes_one_row_per_label(trained_dir, tmp_path):
     output = tmp_path / "grid.png"
-    run_cli(
+    result = run_cli(
         [
             sys.executable,
             "sample.py",
@@ -42,6 +42,8 @@ def test_sample_cli_writes_one_row_per_label(trained_dir, tmp_path):
             str(output),
         ]
     )
+    # Loading in the requested dtype, not casting afterwards, keeps diffusers quiet (it warned on every run).
+    assert "kept in float32" not in result.stderr
     # make_grid with padding 2: each 28-pixel cell adds 2 pixels, plus 2 at the far edge; labels on the left.
     width, height = Image.open(output).size
     assert height == 3 * 30 + 2 and 4 * 30 + 2 < width < 4 * 30 + 2 + 40
@@ -116,7 +118,7 @@ def test_train_cli_bad_dataset(tmp_path, dataset, message):
         launch_args=["-q"],
         check=False,
     )
-    assert result.returncode != 0
+    assert result.returncode == 1  # what accelerate's launcher makes of the script's exit code 2 (README)
     assert "error: Dataset " in result.stderr and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "model_index.json").exists()
 
@@ -128,6 +130,8 @@ def test_train_cli_bad_dataset(tmp_path, dataset, message):
         (["--max_train_steps", "-5"], "must be a positive integer"),
         (["--learning_rate", "-1"], "--learning_rate: must be a positive number, got -1"),
         (["--dataset", "/no/such/folder"], "Dataset folder '/no/such/folder' does not exist"),
+        (["--dataset", str(REPO_ROOT / "data" / "mnist" / "README.md")], "is a file; pass the folder that holds"),
+        (["--output_dir", str(REPO_ROOT / "README.md")], "is a file; pass a folder"),
     ],
 )
 def test_train_cli_usage_errors_exit_2(tmp_path, args, message):
@@ -136,3 +140,15 @@ def test_train_cli_usage_errors_exit_2(tmp_path, args, message):
         check=False,
     )
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()  # a failed run leaves no empty output folder behind
+
+
+@pytest.mark.parametrize("launch_args", [["-q"], []])
+def test_exit_code_through_accelerate_launch_is_the_documented_one(tmp_path, launch_args):
+    """README: accelerate's launcher turns every failure of the script into exit code 1 and, without -q, adds its own
+    traceback after the script's one-line error."""
+    result = accelerate_launch("cpu.yaml", ["--output_dir", str(tmp_path / "out"), "--dataset", "/no/such/folder"],
+                               launch_args=launch_args, check=False)  # fmt: skip
+    assert result.returncode == 1
+    assert "error: Dataset folder '/no/such/folder' does not exist" in result.stderr
+    assert ("Traceback" in result.stderr) == (launch_args == [])

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.checkpointing import find_checkpoint
-from tests.conftest import REPO_ROOT, TINY_TRAIN_FLAGS, accelerate_command, cli_env, run_cli
+from tests.conftest import REPO_ROOT, TINY_TRAIN_FLAGS, CreatesMarker, accelerate_command, cli_env, run_cli
 
 RUN = [*TINY_TRAIN_FLAGS, "--train_batch_size", "8", "--max_train_samples", "48", "--use_ema",
        "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--logging_steps", "1"]  # fmt: skip
@@ -188,6 +188,8 @@ def make_broken_model(trained_dir: Path, tmp_path: Path, breakage: str) -> Path:
     elif breakage == "pickle weights":
         torch.save(load_file(weights_file), model / "unet" / "diffusion_pytorch_model.bin")
         weights_file.unlink()
+    elif breakage == "invalid model_index.json":
+        (model / "model_index.json").write_text('{"unet": ["pipeline", ')
     elif breakage == "wrong config type":
         config = json.loads((model / "unet" / "config.json").read_text())
         config["layers_per_block"] = "two"
@@ -200,6 +202,7 @@ def make_broken_model(trained_dir: Path, tmp_path: Path, breakage: str) -> Path:
     ("truncated weights", "Could not load a pipeline"),
     ("pickle weights", "holds pickle weights (unet/diffusion_pytorch_model.bin)"),
     ("wrong config type", "Could not load a pipeline"),
+    ("invalid model_index.json", "model_index.json is not valid JSON"),
 ])  # fmt: skip
 def test_sample_refuses_broken_model_folders(trained_dir, tmp_path, breakage, message):
     model = make_broken_model(trained_dir, tmp_path, breakage)
@@ -214,6 +217,8 @@ def test_sample_refuses_broken_model_folders(trained_dir, tmp_path, breakage, me
     (["--num_inference_steps", "0"], "must be at least 1"),
     (["--output", "grid"], "--output 'grid' needs an image file extension; one of"),
     (["--output", "grid.pgnn"], ".png"),
+    (["--class_labels", "3.5"], "--class_labels: Unknown label name '3.5'"),
+    (["--output", "/proc/grid.png", "--num_inference_steps", "1"], "Cannot write --output '/proc/grid.png'"),
 ])  # fmt: skip
 def test_sample_usage_errors_exit_2(trained_dir, tmp_path, args, message):
     result = run_cli([sys.executable, "sample.py", "--model", str(trained_dir), *args], check=False)
@@ -251,6 +256,19 @@ def test_damaged_checkpoint_file_is_refused_clearly(finished_run, tmp_path):
                       "latest", *RUN], check=False)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "Cannot resume from" in result.stderr and "checkpoint-2" in result.stderr
+
+
+def test_a_pickle_planted_in_a_checkpoint_never_runs_on_resume(finished_run, tmp_path):
+    """Guards against accelerate's full-pickle path: the old code registered the LR scheduler and the EMA with
+    `register_for_checkpointing`, so `load_state` unpickled this file (and ran its code) on resume."""
+    output_dir = copy_of(finished_run, tmp_path)
+    marker = tmp_path / "code_ran"
+    torch.save(CreatesMarker(marker), output_dir / "checkpoints" / "checkpoint-2" / "custom_checkpoint_0.pkl")
+    result = run_cli([*TRAIN, "--output_dir", str(output_dir), "--max_train_steps", "4", "--resume_from_checkpoint",
+                      "latest", *RUN], check=False)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "custom_checkpoint_0.pkl" in result.stderr and "can run code" in result.stderr
+    assert not marker.exists()
 
 
 def test_resume_with_another_global_batch_is_refused(finished_run, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import TINY_TRAIN_FLAGS, accelerate_launch, cli_env
-from tests.tracking_records import wandb_config, wandb_history
+from tests.tracking_records import wandb_config, wandb_history, wandb_records
 
 TRAIN_FLAGS = [
     *TINY_TRAIN_FLAGS,
@@ -91,3 +91,34 @@ def test_only_the_main_process_logs(tmp_path):
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")  # one run, not one per process
     assert [row["_step"] for row in wandb_history(run_dir) if "loss" in row] == [1, 2, 3, 4]
     assert os.path.exists(tmp_path / "samples.png")
+
+
+def test_wandb_variables_resume_into_the_same_run_and_model_artifact(tmp_path):
+    """W&B conventions: WANDB_PROJECT/WANDB_NAME/WANDB_DIR are respected (our defaults used to override them), a
+    resumed run continues the W&B run its checkpoint recorded (it used to start a new run per resume), and
+    --wandb_log_model logs the saved pipeline as a model artifact (it did not exist)."""
+    output_dir = tmp_path / "run"
+    flags = ["--output_dir", str(output_dir), "--report_to", "wandb", *TINY_TRAIN_FLAGS, "--train_batch_size", "4",
+             "--logging_steps", "1", "--checkpointing_steps", "2"]  # fmt: skip
+    env = cli_env(WANDB_PROJECT="project-from-env", WANDB_NAME="name-from-env")
+    accelerate_launch("cpu.yaml", [*flags, "--max_train_steps", "2"], env=env)
+    (first_dir,) = (output_dir / "wandb").glob("offline-run-*")
+    (first_run,) = wandb_records(first_dir, "run")
+    assert (first_run.project, first_run.display_name) == ("project-from-env", "name-from-env")
+
+    wandb_dir = tmp_path / "wandb_dir"
+    accelerate_launch("cpu.yaml", [*flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
+                                   "--wandb_log_model"],
+                      env={**env, "WANDB_DIR": str(wandb_dir)})  # fmt: skip
+    assert len(list((output_dir / "wandb").glob("offline-run-*"))) == 1  # WANDB_DIR wins over OUTPUT_DIR/wandb
+    (second_dir,) = (wandb_dir / "wandb").glob("offline-run-*")
+    (second_run,) = wandb_records(second_dir, "run")
+    assert second_run.run_id == first_run.run_id  # one run, continued
+    assert [row["_step"] for row in wandb_history(second_dir) if "loss" in row] == [3, 4]
+
+    (artifact,) = wandb_records(second_dir, "artifact")
+    assert (artifact.type, artifact.name) == ("model", f"model-{first_run.run_id}")
+    paths = {entry.path for entry in artifact.manifest.contents}
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+            "pipeline_class_conditioned_ddim.py", "README.md"} <= paths  # fmt: skip
+    assert not any(path.startswith(("checkpoints/", "logs/", "wandb/")) for path in paths)

@@ -52,3 +52,13 @@ def wandb_config(run_dir: Path) -> dict:
         if record.WhichOneof("record_type") == "config":
             config.update({item.key: json.loads(item.value_json) for item in record.config.update})
     return config
+
+
+def wandb_records(run_dir: Path, record_type: str) -> list:
+    """The records of one type ("run", "artifact", ...) of an offline run folder."""
+    (run_file,) = run_dir.glob("run-*.wandb")
+    return [
+        getattr(record, record_type)
+        for record in read_wandb_records(run_file)
+        if record.WhichOneof("record_type") == record_type
+    ]
