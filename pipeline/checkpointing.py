@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import TrainingError, UsageError
+from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
 
 logger = get_logger(__name__)
 
@@ -300,10 +301,10 @@ def load_checkpoint(
         accelerator.load_state(path)  # model from safetensors; optimizer and RNG with weights_only=True
         lr_scheduler.load_state_dict(saved_state["lr_scheduler"])
         if ema_model is not None:
-            shadow_params = load_file(os.path.join(path, EMA_FILE), device=str(accelerator.device))
-            ema_model.load_state_dict(
-                {**saved_state["ema"], "shadow_params": [shadow_params[str(i)] for i in range(len(shadow_params))]}
-            )
+            # Read on the CPU, then moved: safetensors refuses device names like "cpu:0" (multi-process CPU runs).
+            shadow_params = load_file(os.path.join(path, EMA_FILE))
+            ordered = [shadow_params[str(i)].to(accelerator.device) for i in range(len(shadow_params))]
+            ema_model.load_state_dict({**saved_state["ema"], "shadow_params": ordered})
     # Truncated or foreign files: torch raises RuntimeError or UnpicklingError (also for a file holding anything but
     # tensors), safetensors SafetensorError, a missing file OSError, a mismatched state KeyError or ValueError.
     except (OSError, RuntimeError, pickle.UnpicklingError, SafetensorError, KeyError, ValueError) as error:
@@ -312,3 +313,19 @@ def load_checkpoint(
             f"{error}). Resume from an older one with --resume_from_checkpoint PATH, or start a new --output_dir."
         ) from error
     return saved_state
+
+
+def pipeline_at_checkpoint(output_dir: str, checkpoint: str) -> ClassConditionedDDIMPipeline:
+    """The finished run's pipeline in `output_dir` with the weights of one of its checkpoints (the EMA's when the run
+    kept one, as the saved pipeline does): to evaluate a run along the way, e.g. for time-to-quality curves."""
+    pipe = ClassConditionedDDIMPipeline.from_pretrained(output_dir)
+    weights = load_file(os.path.join(checkpoint, "model.safetensors"))
+    # torch.compile's wrapper prefixes every key; the pipeline's UNet is the plain module.
+    pipe.unet.load_state_dict({name.removeprefix("_orig_mod."): tensor for name, tensor in weights.items()})
+    ema_file = os.path.join(checkpoint, EMA_FILE)
+    if os.path.exists(ema_file):
+        shadow_params = load_file(ema_file)  # in the order of the model's parameters(), as EMAModel keeps them
+        with torch.no_grad():
+            for index, parameter in enumerate(pipe.unet.parameters()):
+                parameter.copy_(shadow_params[str(index)])
+    return pipe

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models, a tiny saved pipeline, and helpers to run the real CLIs in fresh processes."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,18 @@ def trained_dir(tmp_path_factory) -> Path:
 def classifier_cache(tmp_path_factory) -> str:
     """A classifier cache shared by the tests; they train the evaluation classifier on 3,000 images (~20 s, once)."""
     return str(tmp_path_factory.mktemp("classifier_cache"))
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MiB tmpfs: a real full disk (safetensors then raises SafetensorError, not OSError)."""
+    mount_point = tmp_path / "tiny_disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root; the full-disk tests run where the machine allows it")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)  # fmt: skip
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "--lazy", str(mount_point)], check=True)  # lazy: a failed test may hold a file open

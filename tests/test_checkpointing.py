@@ -2,8 +2,6 @@
 
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -141,21 +139,6 @@ def test_next_start_removes_what_an_interrupted_save_left(tmp_path, training):
     prepare_output_dir(training.accelerator, str(tmp_path), "latest", overwrite_output_dir=False)
     assert not any(folder.exists() for folder in leftovers)
     assert (tmp_path / "notes.tmp").exists() and list_checkpoints(str(tmp_path))
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 2 MiB tmpfs: a real full disk (safetensors then raises SafetensorError, not OSError)."""
-    mount_point = tmp_path / "tiny_disk"
-    mount_point.mkdir()
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a tmpfs needs root; the full-disk tests run where the machine allows it")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)  # fmt: skip
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", "--lazy", str(mount_point)], check=True)  # lazy: a failed test may hold a file open
 
 
 def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_partial_one(tiny_disk):

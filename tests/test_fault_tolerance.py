@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.checkpointing import find_checkpoint
+from pipeline.checkpointing import find_checkpoint, pipeline_at_checkpoint
 from tests.conftest import REPO_ROOT, TINY_TRAIN_FLAGS, CreatesMarker, accelerate_command, cli_env, run_cli
 
 RUN = [*TINY_TRAIN_FLAGS, "--train_batch_size", "8", "--max_train_samples", "48", "--use_ema",
@@ -140,6 +140,16 @@ def test_sigterm_stops_all_processes_together(tmp_path):
     assert state["global_batch_size"] == 8
 
 
+def test_a_disk_too_small_for_a_checkpoint_is_refused_before_training(tiny_disk):
+    """The tiny model's checkpoint (weights, Adam, EMA) and pipeline need about 4 MiB by our estimate; the disk: 2."""
+    output_dir = tiny_disk / "run"
+    result = run_cli([*TRAIN, "--output_dir", str(output_dir), "--max_train_steps", "2", "--checkpointing_steps", "1",
+                      *RUN], check=False)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"The disk holding {output_dir} has" in result.stderr and "MiB free, but a checkpoint" in result.stderr
+    assert "Running training" not in result.stderr and not (output_dir / "checkpoints").exists()  # before step 1
+
+
 def test_diverging_loss_stops_with_the_step_and_last_good_checkpoint(tmp_path):
     result = run_cli([*TRAIN, "--output_dir", str(tmp_path), "--max_train_steps", "20", "--checkpointing_steps",
                       "1", *RUN, "--learning_rate", "1e30", "--logging_steps", "10"], check=False)  # fmt: skip
@@ -256,6 +266,16 @@ def test_damaged_checkpoint_file_is_refused_clearly(finished_run, tmp_path):
                       "latest", *RUN], check=False)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "Cannot resume from" in result.stderr and "checkpoint-2" in result.stderr
+
+
+def test_a_checkpoint_gives_the_pipeline_of_its_step(finished_run):
+    """Guards time-to-quality curves: the final checkpoint must give exactly the saved pipeline's (EMA) weights, not
+    the raw ones or parameters in another order."""
+    pipe = pipeline_at_checkpoint(str(finished_run), str(finished_run / "checkpoints" / "checkpoint-2"))
+    saved = weights(finished_run)
+    assert all(torch.equal(pipe.unet.state_dict()[name], tensor) for name, tensor in saved.items())
+    raw = load_file(finished_run / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(raw[name], tensor) for name, tensor in saved.items())  # the run kept an EMA
 
 
 def test_a_pickle_planted_in_a_checkpoint_never_runs_on_resume(finished_run, tmp_path):
