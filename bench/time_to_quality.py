@@ -1,10 +1,10 @@
 """Quality against training time: evaluate every checkpoint of a finished run; append the curve to bench/results/.
 
-    # 1. train with checkpoints (resumable: rerun the same command to continue after an interruption)
-    python bench/quality.py --name quick --eval dpm++:20 --cas 100 -- --preset quick --checkpointing_steps 250 \\
-        --resume_from_checkpoint latest
+    # 1. train with checkpoints (add --resume_from_checkpoint latest to continue after an interruption)
+    accelerate launch --config_file accelerate_configs/cpu.yaml train_conditional.py --preset quick \\
+        --output_dir output/bench/quick-curve --checkpointing_steps 250 --validation_images_per_label 0
     # 2. the curve: each checkpoint's pipeline (EMA weights) scored like the final one
-    python bench/time_to_quality.py --name quick --model_dir output/bench/quick
+    python bench/time_to_quality.py --name quick --model_dir output/bench/quick-curve
     # 3. the picture, from the latest curve of each name
     python bench/plot_time_to_quality.py
 
