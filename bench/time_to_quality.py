@@ -22,7 +22,7 @@ from pathlib import Path
 from provenance import append_row, run_record
 
 from pipeline.checkpointing import STATE_FILE, list_checkpoints, pipeline_at_checkpoint
-from pipeline.evaluate import REFERENCES, evaluate
+from pipeline.evaluate import REFERENCES, default_dataset, evaluate
 from pipeline.schedulers import SCHEDULERS, set_scheduler
 
 
@@ -30,6 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--name", required=True, help="Name of the curve (the preset or recipe).")
     parser.add_argument("--model_dir", required=True, help="A finished run trained with --checkpointing_steps.")
+    parser.add_argument("--dataset", default=default_dataset(), help="Default: the bundled data/mnist.")
     parser.add_argument("--reference", choices=REFERENCES, default="test", help="Evaluation reference.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Sampling seeds of each point.")
     parser.add_argument("--num_images_per_label", type=int, default=100, help="Images per class and seed.")
@@ -41,7 +42,8 @@ def main() -> None:
 
     model_dir = Path(args.model_dir)
     summary = json.loads((model_dir / "training_summary.json").read_text())
-    row = {"name": args.name, "provenance": run_record(), "model_dir": str(model_dir), "reference": args.reference,
+    row = {"name": args.name, "provenance": run_record(), "model_dir": str(model_dir), "dataset": args.dataset,
+           "reference": args.reference,
            "seeds": args.seeds, "num_images_per_label": args.num_images_per_label,
            "total_train_time_s": summary["total_train_time_s"], "points": []}  # fmt: skip
     for checkpoint in list_checkpoints(str(model_dir)):
@@ -53,6 +55,7 @@ def main() -> None:
         started = time.perf_counter()
         results = evaluate(
             pipe,
+            dataset=args.dataset,
             reference=args.reference,
             seeds=tuple(args.seeds),
             num_images_per_label=args.num_images_per_label,
