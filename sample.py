@@ -66,9 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.num_inference_steps is not None and args.num_inference_steps < 1:
         parser.error(f"--num_inference_steps must be at least 1, got {args.num_inference_steps}")
     # Checked before any sampling, so a typo does not cost a whole run.
-    extension = os.path.splitext(args.output)[1].lower()
-    if extension not in image_extensions():
-        parser.error(f"--output {args.output!r} needs an image file extension; one of {' '.join(image_extensions())}")
+    extensions = image_extensions()
+    if os.path.splitext(args.output)[1].lower() not in extensions:
+        parser.error(f"--output {args.output!r} needs an image file extension; one of {' '.join(extensions)}")
     return args
 
 

@@ -388,7 +388,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"error: {error}", file=sys.stderr)
         if created_output_dir:
             remove_if_empty(args.output_dir)
-        sys.exit(error.exit_code if isinstance(error, TrainingError) else 2)
+        sys.exit(error.exit_code)
 
 
 def remove_if_empty(folder: str) -> None:

@@ -108,28 +108,30 @@ def prepare_output_dir(
 
 def staging_leftovers(output_dir: str) -> list[str]:
     """Folders only an interrupted save leaves: the pipeline's staging folder, `checkpoint-N.tmp`, `*.deleting`."""
+    checkpoints = checkpoints_dir(output_dir)
     candidates = [os.path.join(output_dir, PIPELINE_STAGING)]
-    for folder in (output_dir, checkpoints_dir(output_dir)):
+    for folder in (output_dir, checkpoints):
         if os.path.isdir(folder):
             candidates += [os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".deleting")]
-    if os.path.isdir(checkpoints_dir(output_dir)):
-        candidates += [
-            os.path.join(checkpoints_dir(output_dir), name)
-            for name in os.listdir(checkpoints_dir(output_dir))
-            if CHECKPOINT_PATTERN.match(name.removesuffix(".tmp")) and name.endswith(".tmp")
-        ]
+    if os.path.isdir(checkpoints):
+        candidates += [os.path.join(checkpoints, name) for name in os.listdir(checkpoints)
+                       if name.endswith(".tmp") and CHECKPOINT_PATTERN.match(name.removesuffix(".tmp"))]  # fmt: skip
     return sorted(path for path in candidates if os.path.isdir(path))
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """The model's weights in float32, as they are saved."""
+    return sum(parameter.numel() * 4 for parameter in model.parameters())
 
 
 def checkpoint_bytes(model: torch.nn.Module, ema_model: EMAModel | None) -> int:
     """About what one checkpoint takes on disk: the weights, Adam's two moments, the EMA's copy (all float32)."""
-    weight_bytes = sum(parameter.numel() * 4 for parameter in model.parameters())
-    return weight_bytes * (3 + (ema_model is not None)) + SLACK_BYTES
+    return weight_bytes(model) * (3 + (ema_model is not None)) + SLACK_BYTES
 
 
 def pipeline_bytes(model: torch.nn.Module) -> int:
     """About what the saved pipeline takes on disk: the float32 weights plus configs, code, grid and card."""
-    return sum(parameter.numel() * 4 for parameter in model.parameters()) + SLACK_BYTES
+    return weight_bytes(model) + SLACK_BYTES
 
 
 def free_space_error(folder: str, needed_bytes: int, what: str) -> str | None:
@@ -301,10 +303,8 @@ def load_checkpoint(
         accelerator.load_state(path)  # model from safetensors; optimizer and RNG with weights_only=True
         lr_scheduler.load_state_dict(saved_state["lr_scheduler"])
         if ema_model is not None:
-            # Read on the CPU, then moved: safetensors refuses device names like "cpu:0" (multi-process CPU runs).
-            shadow_params = load_file(os.path.join(path, EMA_FILE))
-            ordered = [shadow_params[str(i)].to(accelerator.device) for i in range(len(shadow_params))]
-            ema_model.load_state_dict({**saved_state["ema"], "shadow_params": ordered})
+            shadow_params = [tensor.to(accelerator.device) for tensor in read_shadow_params(path)]
+            ema_model.load_state_dict({**saved_state["ema"], "shadow_params": shadow_params})
     # Truncated or foreign files: torch raises RuntimeError or UnpicklingError (also for a file holding anything but
     # tensors), safetensors SafetensorError, a missing file OSError, a mismatched state KeyError or ValueError.
     except (OSError, RuntimeError, pickle.UnpicklingError, SafetensorError, KeyError, ValueError) as error:
@@ -322,10 +322,17 @@ def pipeline_at_checkpoint(output_dir: str, checkpoint: str) -> ClassConditioned
     weights = load_file(os.path.join(checkpoint, "model.safetensors"))
     # torch.compile's wrapper prefixes every key; the pipeline's UNet is the plain module.
     pipe.unet.load_state_dict({name.removeprefix("_orig_mod."): tensor for name, tensor in weights.items()})
-    ema_file = os.path.join(checkpoint, EMA_FILE)
-    if os.path.exists(ema_file):
-        shadow_params = load_file(ema_file)  # in the order of the model's parameters(), as EMAModel keeps them
+    if os.path.exists(os.path.join(checkpoint, EMA_FILE)):
         with torch.no_grad():
-            for index, parameter in enumerate(pipe.unet.parameters()):
-                parameter.copy_(shadow_params[str(index)])
+            for parameter, average in zip(pipe.unet.parameters(), read_shadow_params(checkpoint), strict=True):
+                parameter.copy_(average)
     return pipe
+
+
+def read_shadow_params(checkpoint: str) -> list[torch.Tensor]:
+    """The EMA's weights a checkpoint holds, on the CPU, in the order of the model's `parameters()` (EMAModel's).
+
+    Read on the CPU: safetensors refuses device names like "cpu:0" (what multi-process CPU runs use).
+    """
+    tensors = load_file(os.path.join(checkpoint, EMA_FILE))
+    return [tensors[str(index)] for index in range(len(tensors))]

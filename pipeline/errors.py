@@ -10,6 +10,8 @@ class UsageError(ValueError):
     The CLIs exit with code 2, like argparse does for a bad flag.
     """
 
+    exit_code = 2
+
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (diverged loss, stop signal, full disk, failed upload): the message says what was

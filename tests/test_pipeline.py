@@ -1,7 +1,6 @@
 import inspect
 import logging
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from safetensors.torch import load_file
 from pipeline import ClassConditionedDDIMPipeline
 from pipeline.pipeline_class_conditioned_ddim import EXAMPLE_DOC_STRING
 from pipeline.schedulers import SCHEDULERS, set_scheduler
+from tests.conftest import CreatesMarker
 
 
 def test_labels_to_pil_images(tiny_pipe):
@@ -195,16 +195,6 @@ def test_label_names_come_from_the_dataset_and_survive_saving(tmp_path, tiny_une
         pipe.get_label_ids("trouser")
 
 
-class CodeRunningPayload:
-    """Unpickling this creates a marker file: what a crafted `.bin` could do instead."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_the_pipeline_class_refuses_pickle_weights_by_default(tmp_path, tiny_pipe):
     """README's first example, `ClassConditionedDDIMPipeline.from_pretrained(dir)`, never unpickles weights."""
     tiny_pipe.save_pretrained(tmp_path)
@@ -212,7 +202,7 @@ def test_the_pipeline_class_refuses_pickle_weights_by_default(tmp_path, tiny_pip
     state_dict = load_file(weights)
     weights.unlink()
     marker = tmp_path / "code-ran"
-    torch.save({**state_dict, "payload": CodeRunningPayload(marker)}, tmp_path / "unet" / "diffusion_pytorch_model.bin")
+    torch.save({**state_dict, "payload": CreatesMarker(marker)}, tmp_path / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(OSError, match="safetensors"):
         ClassConditionedDDIMPipeline.from_pretrained(tmp_path)
     assert not marker.exists()
