@@ -126,8 +126,9 @@ def train_throughput(rows: list[dict]) -> str:
             lines.append(f"| {label} | {key[6:]} | {batch['steps']} | {batch['seed_img_s']:.1f} | "
                          f"{batch['ours_img_s']:.1f} | {batch['ratio']:.2f}× | {batch['seed_peak_rss_mb']:,.0f} MB | "
                          f"{batch['ours_peak_rss_mb']:,.0f} MB |")  # fmt: skip
+        compared_at = row.get("loader_compared_at_batch", 512)
         loaders.append(f"`{row['name']}`: {row['loader_img_s']:,} img/s = {row['loader_vs_train_ratio']:,}× our "
-                       f"training speed at batch 512 (cached decode {row['load_cached_s']} s)")  # fmt: skip
+                       f"training speed at batch {compared_at} (cached decode {row['load_cached_s']} s)")  # fmt: skip
     return "\n".join([*lines, "", "Data loader, " + "; ".join(loaders) + ".", "", measured_from(rows)])
 
 

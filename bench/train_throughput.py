@@ -2,6 +2,10 @@
 
     python bench/train_throughput.py            # batches 128 and 512, a few steps each (~6 minutes on 2 cores)
     python bench/train_throughput.py --quick    # fewer steps (~3 minutes)
+    python bench/train_throughput.py --name quick --batch_sizes 64 --steps 40 --extra --preset quick
+
+The last form measures a preset (or any flags) at its own batch size; the seed loop runs the same batch sizes beside
+it, so rows measured on different days compare through their ratio to it.
 
 Both loops train the seed model (channels 32, 64, 64; the seed's attention) in float32 with Adam; ours runs as
 `train_conditional.py` under `accelerate launch` with its defaults (on a CPU: micro-batches of up to 128 images, the
@@ -67,10 +71,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--name", default="default", help="Name of the row (README shows the latest of each name).")
     parser.add_argument("--quick", action="store_true", help="Fewer steps per measurement (about 3 minutes).")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[128, 512], help="Batch sizes to measure.")
+    parser.add_argument("--steps", type=int, default=None, help="Steps per measurement (default: by batch size).")
     parser.add_argument("--results", default=str(RESULTS), help="JSON-lines file to append to.")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="More train_conditional.py flags.")
     args = parser.parse_args()
-    steps = {128: 4 if args.quick else 10, 512: 2 if args.quick else 4}
+    # About the same number of images per measurement at every batch size (10 steps of 128 images by default).
+    steps = {size: args.steps or max(2, round(1280 / size / (2.5 if args.quick else 1))) for size in args.batch_sizes}
 
     provenance = run_record()  # taken first: the code measured is the code at the start of the run
     figures = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
@@ -89,9 +96,11 @@ def main() -> None:
               f"({figures[f'batch_{batch_size}']['ratio']:.2f}x); peak RSS seed {seed['peak_rss_mb']:.0f} MB, "
               f"ours {ours['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
     figures.update(loader_throughput())
-    figures["loader_vs_train_ratio"] = round(figures["loader_img_s"] / figures["batch_512"]["ours_img_s"])
+    largest = max(args.batch_sizes)
+    figures["loader_compared_at_batch"] = largest
+    figures["loader_vs_train_ratio"] = round(figures["loader_img_s"] / figures[f"batch_{largest}"]["ours_img_s"])
     print(f"data: cached load {figures['load_cached_s']} s, loader {figures['loader_img_s']} img/s = "
-          f"{figures['loader_vs_train_ratio']}x our training speed at batch 512")  # fmt: skip
+          f"{figures['loader_vs_train_ratio']}x our training speed at batch {largest}")  # fmt: skip
     row = {"name": args.name, "provenance": provenance, "quick": args.quick, "extra": args.extra, **figures}
     append_row(args.results, row)
     print(json.dumps(row))
