@@ -14,7 +14,7 @@ import os
 import sys
 
 from pipeline.errors import UsageError
-from pipeline.schedulers import SCHEDULERS
+from pipeline.schedulers import SCHEDULERS, guidance_interval_problem
 
 DTYPES = ["float32", "float16", "bfloat16"]
 
@@ -46,6 +46,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "with --class_dropout_prob.",
     )
     parser.add_argument(
+        "--guidance_interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("START", "STOP"),
+        help="Guide only this part of the denoising steps, as fractions, e.g. 0.2 0.8 (default: the model's saved "
+        "default, usually every step).",
+    )
+    parser.add_argument(
         "--scheduler", choices=sorted(SCHEDULERS), default=None, help="Sampler (default: the one saved with the model)."
     )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic, 1 is DDPM-like.")
@@ -65,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num_images_per_label must be at least 1, got {args.num_images_per_label}")
     if args.num_inference_steps is not None and args.num_inference_steps < 1:
         parser.error(f"--num_inference_steps must be at least 1, got {args.num_inference_steps}")
+    if args.guidance_interval and (problem := guidance_interval_problem(args.guidance_interval)):
+        parser.error(f"--guidance_interval {problem}")
     # Checked before any sampling, so a typo does not cost a whole run.
     extensions = image_extensions()
     if os.path.splitext(args.output)[1].lower() not in extensions:
@@ -109,6 +120,7 @@ def main(args: argparse.Namespace) -> None:
         num_images_per_label=args.num_images_per_label,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
+        guidance_interval=args.guidance_interval,
         eta=args.eta,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="pt",

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from pipeline.presets import PRESETS
-from pipeline.schedulers import SCHEDULERS
+from pipeline.schedulers import SCHEDULERS, guidance_interval_problem
 
 DEFAULT_DATASET = str(Path(__file__).resolve().parent / "data" / "mnist")
 
@@ -179,6 +179,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     sampling.add_argument(
         "--default_guidance_scale", type=float, default=1.0, help="Guidance scale when a call does not say."
+    )
+    sampling.add_argument(
+        "--default_guidance_interval",
+        type=float,
+        nargs=2,
+        default=[0.0, 1.0],
+        metavar=("START", "STOP"),
+        help="Part of the denoising steps that is guided when a call does not say, as fractions (default: all).",
     )
 
     training = parser.add_argument_group("training")
@@ -369,6 +377,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"({len(args.down_block_types)}) and --up_block_types ({len(args.up_block_types)}) must have one entry "
             "per UNet level each"
         )
+    if problem := guidance_interval_problem(args.default_guidance_interval):
+        parser.error(f"--default_guidance_interval {problem}")
     if any(channels % args.norm_num_groups for channels in args.block_out_channels):
         parser.error(
             f"every --block_out_channels entry {args.block_out_channels} must be divisible by "

@@ -5,7 +5,8 @@
         --reference validation --eval dpm++:20:1.5 dpm++:20:2 dpm++:20:3       # a tuning row: validation reference
 
 Everything after `--` goes to train_conditional.py (run through `accelerate launch` with the given config, into
-OUTPUT_ROOT/NAME). Each evaluation is `sampler:steps[:guidance]` (guidance: the saved default when left out), run by
+OUTPUT_ROOT/NAME). Each evaluation is `sampler:steps[:guidance[:start-stop]]` (the saved guidance scale and interval
+when left out; `dpm++:20:2:0.2-0.8` guides the middle 60 % of the steps only), run by
 `python -m pipeline.evaluate` with every --seeds seed against --reference (test for reporting, validation for
 tuning). The row holds this command exactly, its commit, date and machine (see provenance.py), the measured training
 wall time and the run's `training_summary.json`; README's tables are rendered from such rows by bench/report.py.
@@ -37,13 +38,15 @@ def train(output_dir: Path, config: str, train_args: list[str]) -> float:
 
 
 def evaluate(output_dir: Path, spec: str, args: argparse.Namespace, cas: int | None) -> dict:
-    """One `sampler:steps[:guidance]` evaluation by `python -m pipeline.evaluate`, with its measured wall time."""
+    """One `sampler:steps[:guidance[:start-stop]]` evaluation by `python -m pipeline.evaluate`, with its wall time."""
     sampler, steps, *guidance = spec.split(":")
     command = [sys.executable, "-m", "pipeline.evaluate", "--model", str(output_dir), "--scheduler", sampler,
                "--num_inference_steps", steps, "--num_images_per_label", str(args.num_images_per_label),
                "--reference", args.reference, "--seeds", *map(str, args.seeds)]  # fmt: skip
     if guidance:
         command += ["--guidance_scale", guidance[0]]
+    if len(guidance) > 1:
+        command += ["--guidance_interval", *guidance[1].split("-")]
     if cas:
         command += ["--cas", str(cas)]
     started = time.perf_counter()
@@ -56,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--name", required=True, help="Name of the row (and of the output folder).")
     parser.add_argument("--config", default="cpu.yaml", help="accelerate config in accelerate_configs/.")
-    parser.add_argument("--eval", nargs="+", default=["ddim:50"], help="sampler:steps[:guidance] to evaluate.")
+    parser.add_argument("--eval", nargs="+", default=["ddim:50"], help="sampler:steps[:guidance[:start-stop]].")
     parser.add_argument("--reference", choices=REFERENCES, default="test", help="Evaluation reference.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Sampling seeds of each evaluation.")
     parser.add_argument("--num_images_per_label", type=int, default=100, help="Images per class and seed.")

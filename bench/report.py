@@ -90,6 +90,9 @@ def quality(rows: list[dict]) -> str:
         for index, evaluation in enumerate(row["evaluations"]):
             scheduler = SCHEDULER_NAMES.get(evaluation["scheduler"], evaluation["scheduler"].removesuffix("Scheduler"))
             sampler = f"{scheduler} {evaluation['num_inference_steps']} steps, {guidance(evaluation['guidance_scale'])}"
+            interval = evaluation.get("guidance_interval", [0.0, 1.0])
+            if evaluation["guidance_scale"] > 1 and interval != [0.0, 1.0]:
+                sampler += f" on steps {interval[0]:g}–{interval[1]:g}"
             reference = evaluation["reference"]
             if evaluation.get("floor_source"):
                 reference += f" (floor: {evaluation['floor_source']})"

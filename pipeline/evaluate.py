@@ -28,7 +28,7 @@ from .data import ImageClassData, load_split
 from .errors import UsageError
 from .loading import load_pipeline
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
-from .schedulers import SCHEDULERS, set_scheduler
+from .schedulers import SCHEDULERS, guidance_interval_problem, set_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +92,11 @@ def generate_for_evaluation(
     guidance_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 500,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images in [0, 1] and their requested labels, every class equally often, deterministic for a seed.
 
-    `None` steps or guidance use the pipeline's saved defaults."""
+    `None` steps or guidance (scale, interval) use the pipeline's saved defaults."""
     num_classes = pipe.unet.config.num_classes
     labels = torch.arange(num_classes).repeat_interleave(num_images_per_label)
     batches = []
@@ -106,6 +107,7 @@ def generate_for_evaluation(
                 labels[start : start + batch_size].tolist(),
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
+                guidance_interval=guidance_interval,
                 generator=generator,
                 output_type="pt",
             )
@@ -207,6 +209,7 @@ def evaluate(
     num_images_per_label: int = 100,
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
+    guidance_interval: tuple[float, float] | None = None,
     cas_images_per_label: int | None = None,
     classifier_cache_dir: str | None = None,
     classifier_train_samples: int | None = None,
@@ -214,9 +217,11 @@ def evaluate(
     """Sample `num_images_per_label` images of every class with `pipe` for each seed and score them against
     `reference` (see `score_images`); with `cas_images_per_label`, also the classification accuracy score."""
     evaluation_set = load_evaluation_set(dataset, reference, classifier_cache_dir, classifier_train_samples)
+    sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                "guidance_interval": guidance_interval}  # fmt: skip
     per_seed = []
     for seed in seeds:
-        images, labels = generate_for_evaluation(pipe, num_images_per_label, num_inference_steps, guidance_scale, seed)
+        images, labels = generate_for_evaluation(pipe, num_images_per_label, seed=seed, **sampling)
         per_seed.append({"seed": seed, **score_images(images, labels, evaluation_set, seed)})
         if seed == seeds[0]:
             first_seed_images = images, labels
@@ -234,7 +239,7 @@ def evaluate(
         images, labels = (
             first_seed_images  # the same images again: the first seed's generation is deterministic
             if cas_images_per_label == num_images_per_label
-            else generate_for_evaluation(pipe, cas_images_per_label, num_inference_steps, guidance_scale, seeds[0])
+            else generate_for_evaluation(pipe, cas_images_per_label, seed=seeds[0], **sampling)
         )
         results["cas"] = classification_accuracy_score(images, labels, evaluation_set, seeds[0])
     return results
@@ -270,6 +275,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Classifier-free guidance scale (default: the pipeline's saved default).",
     )
     parser.add_argument(
+        "--guidance_interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("START", "STOP"),
+        help="Guide only this part of the denoising steps, as fractions (default: the pipeline's saved default).",
+    )
+    parser.add_argument(
         "--scheduler",
         choices=sorted(SCHEDULERS),
         default=None,
@@ -295,6 +308,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--num_images_per_label must be at least 2 (FID needs a covariance)")
     if args.num_inference_steps is not None and args.num_inference_steps < 1:
         parser.error("--num_inference_steps must be at least 1")
+    if args.guidance_interval and (problem := guidance_interval_problem(args.guidance_interval)):
+        parser.error(f"--guidance_interval {problem}")
     if args.cas is not None and args.cas < 1:
         parser.error("--cas must be at least 1 image per class")
     if len(set(args.seeds)) != len(args.seeds):
@@ -340,6 +355,7 @@ def main(args: argparse.Namespace) -> None:
         num_images_per_label=args.num_images_per_label,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
+        guidance_interval=args.guidance_interval,
         cas_images_per_label=args.cas,
         classifier_cache_dir=args.classifier_cache_dir,
         classifier_train_samples=args.classifier_train_samples,
@@ -350,6 +366,7 @@ def main(args: argparse.Namespace) -> None:
         if args.num_inference_steps is None
         else args.num_inference_steps,
         "guidance_scale": pipe.config.default_guidance_scale if args.guidance_scale is None else args.guidance_scale,
+        "guidance_interval": list(args.guidance_interval or pipe.config.default_guidance_interval),
     }
     scheduler = type(pipe.scheduler).__name__
     print(summary_line(results), file=sys.stderr)

@@ -32,3 +32,11 @@ def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
         raise UsageError(f"Unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}.")
     config = pipe.scheduler.config
     pipe.scheduler = SCHEDULERS[name].from_config(config, timestep_spacing=config.get("timestep_spacing", "leading"))
+
+
+def guidance_interval_problem(interval: list[float]) -> str | None:
+    """Why `interval` is not a valid `(start, stop)` guidance interval for the CLIs' parsers, or None if it is."""
+    start, stop = interval
+    if not 0.0 <= start < stop <= 1.0:
+        return f"must be START STOP with 0 <= START < STOP <= 1 (fractions of the denoising steps), got {start} {stop}"
+    return None

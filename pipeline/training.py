@@ -125,7 +125,8 @@ def build_pipeline(
     """A pipeline around a float32 copy of the trained weights (EMA weights when EMA is on). Call on every process.
 
     It carries the run's sampling defaults (`--default_scheduler`, `--default_num_inference_steps`,
-    `--default_guidance_scale`), so that `pipe(class_labels)` uses the recipe's best measured setting.
+    `--default_guidance_scale`, `--default_guidance_interval`), so that `pipe(class_labels)` uses the recipe's best
+    measured setting.
 
     `get_state_dict` gathers sharded weights under FSDP/DeepSpeed (a collective, hence every process) and strips the
     DDP wrapper; the copy leaves the model being trained untouched.
@@ -142,6 +143,7 @@ def build_pipeline(
         scheduler=noise_scheduler,
         default_num_inference_steps=args.default_num_inference_steps,
         default_guidance_scale=args.default_guidance_scale,
+        default_guidance_interval=tuple(args.default_guidance_interval),
     )
     set_scheduler(pipeline, args.default_scheduler)
     return pipeline

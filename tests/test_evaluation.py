@@ -80,8 +80,12 @@ def test_real_digits_score_near_the_floor_and_noise_far_from_it(classifier_cache
 
 
 def test_several_seeds_give_mean_and_spread_of_every_metric(tiny_pipe, classifier_cache):
+    unet_batches = []
+    tiny_pipe.unet.register_forward_hook(lambda module, args, output: unet_batches.append(args[0].shape[0]))
     results = evaluate(tiny_pipe, DATASET, seeds=(0, 1), num_images_per_label=2, num_inference_steps=2,
-                       classifier_cache_dir=classifier_cache, classifier_train_samples=CLASSIFIER_SAMPLES)  # fmt: skip
+                       guidance_scale=2.0, guidance_interval=(0.5, 1.0), classifier_cache_dir=classifier_cache,
+                       classifier_train_samples=CLASSIFIER_SAMPLES)  # fmt: skip
+    assert unet_batches == [20, 40] * 2  # the sampling settings reach the pipeline: only the 2nd step guided
     assert results["reference"] == "test" and results["floor_source"] == "validation" and results["seeds"] == [0, 1]
     fids = [scores["fid"] for scores in results["per_seed"]]
     assert fids[0] != fids[1]  # the seeds drew different images
@@ -96,10 +100,11 @@ def test_evaluate_cli_prints_mean_and_std_and_cas(trained_dir, classifier_cache)
     command = [sys.executable, "-m", "pipeline.evaluate", "--model", str(trained_dir), "--num_images_per_label",
                "3", "--num_inference_steps", "2", "--scheduler", "dpm++", "--seeds", "0", "1", "--cas", "3",
                "--reference", "validation", "--classifier_cache_dir", classifier_cache,
-               "--classifier_train_samples", str(CLASSIFIER_SAMPLES)]  # fmt: skip
+               "--classifier_train_samples", str(CLASSIFIER_SAMPLES), "--guidance_interval", "0", "0.5"]  # fmt: skip
     output = run_cli(command)
     result = json.loads(output.stdout.strip().splitlines()[-1])
     assert result["scheduler"] == "DPMSolverMultistepScheduler" and result["num_images"] == 30
+    assert result["guidance_interval"] == [0.0, 0.5]
     assert result["reference"] == "validation" and result["floor_source"] == "test" and len(result["per_seed"]) == 2
     assert 0 <= result["cond_accuracy"]["mean"] <= 1 and result["fid"]["mean"] > 0
     assert result["fid"]["std"] is not None and result["fid_real_floor"]["mean"] > 0

@@ -228,6 +228,7 @@ def test_sample_refuses_broken_model_folders(trained_dir, tmp_path, breakage, me
     (["--output", "grid"], "--output 'grid' needs an image file extension; one of"),
     (["--output", "grid.pgnn"], ".png"),
     (["--class_labels", "3.5"], "--class_labels: Unknown label name '3.5'"),
+    (["--guidance_interval", "0", "1.5"], "--guidance_interval must be START STOP with 0 <= START < STOP <= 1"),
     (["--output", "/proc/grid.png", "--num_inference_steps", "1"], "Cannot write --output '/proc/grid.png'"),
 ])  # fmt: skip
 def test_sample_usage_errors_exit_2(trained_dir, tmp_path, args, message):

@@ -212,8 +212,8 @@ def test_the_pipeline_class_refuses_pickle_weights_by_default(tmp_path, tiny_pip
 
 
 def test_saved_sampling_defaults_are_used_after_loading(tmp_path, tiny_unet):
-    pipe = ClassConditionedDDIMPipeline(tiny_unet, DDIMScheduler(), default_num_inference_steps=3,
-                                        default_guidance_scale=2.0)  # fmt: skip
+    pipe = ClassConditionedDDIMPipeline(tiny_unet, DDIMScheduler(), default_num_inference_steps=4,
+                                        default_guidance_scale=2.0, default_guidance_interval=(0.25, 1.0))  # fmt: skip
     set_scheduler(pipe, "dpm++")
     pipe.save_pretrained(tmp_path)
     loaded = ClassConditionedDDIMPipeline.from_pretrained(tmp_path)
@@ -222,7 +222,10 @@ def test_saved_sampling_defaults_are_used_after_loading(tmp_path, tiny_unet):
     calls = []
     loaded.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     loaded([1], num_inference_steps=None)
-    assert calls == [2, 2, 2]  # 3 steps, each one batched call of cond + uncond
+    assert calls == [1, 2, 2, 2]  # 4 steps; the first unguided, each other one batched call of cond + uncond
     calls.clear()
     loaded([1], num_inference_steps=2, guidance_scale=1.0)
     assert calls == [1, 1]  # explicit arguments win
+    calls.clear()
+    loaded([1], guidance_interval=(0.0, 0.5))
+    assert calls == [2, 2, 1, 1]

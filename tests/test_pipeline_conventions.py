@@ -261,3 +261,32 @@ def test_push_to_hub_uploads_the_complete_folder(tmp_path, tiny_pipe, monkeypatc
                               commit_message="v2", create_pr=True)  # fmt: skip
     assert created[-1] == ("org/name", {"exist_ok": True, "private": True, "token": "hf_x"})
     assert uploads[0]["token"] == "hf_x" and uploads[0]["commit_message"] == "v2" and uploads[0]["create_pr"] is True
+
+
+def test_guidance_interval_guides_only_its_steps_like_diffusers_guider(tiny_unet):
+    """`guidance_interval=(start, stop)` guides the same steps as diffusers' ClassifierFreeGuidance(start, stop), and
+    an unguided step predicts exactly as a call without guidance."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    tiny_unet.register_to_config(class_dropout_prob=0.1)
+    pipe = ClassConditionedDDIMPipeline(tiny_unet, DDIMScheduler(), default_guidance_scale=3.0)
+    pipe.set_progress_bar_config(disable=True)
+    calls = count_unet_calls(pipe)
+    for start, stop in [(0.0, 1.0), (0.2, 0.8), (0.5, 1.0), (0.0, 0.3)]:
+        calls.clear()
+        pipe([1], num_inference_steps=10, guidance_interval=(start, stop), output_type="latent")
+        guider = ClassifierFreeGuidance(guidance_scale=3.0, start=start, stop=stop)
+        expected = []
+        for step in range(10):
+            guider.set_state(step=step, num_inference_steps=10, timestep=0)
+            expected.append(2 if guider._is_cfg_enabled() else 1)
+        assert calls == expected, (start, stop)
+
+    # Guiding no step is sampling without guidance, bit for bit.
+    unguided = pipe([1, 2], num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+                    output_type="latent").images  # fmt: skip
+    outside = pipe([1, 2], num_inference_steps=4, guidance_interval=(0.0, 0.2),
+                   generator=torch.Generator().manual_seed(0), output_type="latent").images  # fmt: skip
+    torch.testing.assert_close(outside, unguided, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="guidance_interval must be"):
+        pipe([1], guidance_interval=(0.8, 0.2))

@@ -76,6 +76,10 @@ def test_quality_row_renders_mean_and_spread(tmp_path):
     assert "DDIM 50 steps, no guidance" in second and "| 72.2 % | 156.0 | 10.1 | 15.4× | – |" in second
     assert "commit `0123456`, 2026-12-01, Test CPU (2 cores, x86_64), no GPU, torch 2.5.1" in table
 
+    guided_interval = {**QUALITY_ROW["evaluations"][0], "guidance_interval": [0.2, 1.0]}
+    append_row(tmp_path / "results" / "quality.jsonl", {**QUALITY_ROW, "evaluations": [guided_interval]})
+    assert "guidance 2 on steps 0.2–1 |" in report.render_block("quality", tmp_path / "results")
+
 
 def test_blocks_are_replaced_skipped_or_say_no_rows(tmp_path):
     append_row(tmp_path / "quality.jsonl", QUALITY_ROW)
@@ -113,7 +117,8 @@ def test_sampling_and_throughput_rows_render(tmp_path):
              "ours_peak_rss_mb": 3250.9, "steps": 4}  # fmt: skip
     append_row(tmp_path / "train_throughput.jsonl", {
         "name": "default", "provenance": PROVENANCE, "quick": False, "extra": [], "torch_threads": 2, "cpu_count": 2,
-        "batch_512": batch, "load_cached_s": 0.17, "loader_img_s": 788230, "loader_vs_train_ratio": 13360})  # fmt: skip
+        "batch_512": batch, "load_cached_s": 0.17, "loader_img_s": 788230, "loader_vs_train_ratio": 13360,
+        "loader_compared_at_batch": 512})  # fmt: skip
     throughput = report.render_block("train_throughput", tmp_path)
     assert "| `default` | 512 | 4 | 30.3 | 59.0 | 1.95× | 8,843 MB | 3,251 MB |" in throughput
     assert "788,230 img/s = 13,360× our training speed" in throughput
