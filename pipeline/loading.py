@@ -20,7 +20,7 @@ def load_pipeline(
 
     Weights are read from safetensors only: pickle (`.bin`) weights can run arbitrary code when loaded. The folder's
     own copy of the code runs only with `trust_remote_code`; otherwise this package's classes are used. The weights
-    are loaded in `dtype` (diffusers' `torch_dtype`), not cast afterwards.
+    are loaded in `dtype` (diffusers' `dtype`, formerly `torch_dtype`), not cast afterwards.
 
     Raises:
         [`UsageError`]: naming the folder and the problem (not a pipeline, weights missing, truncated or pickled...).
@@ -30,10 +30,10 @@ def load_pipeline(
     try:
         if trust_remote_code:
             pipe = DiffusionPipeline.from_pretrained(
-                model, trust_remote_code=True, use_safetensors=True, torch_dtype=dtype
+                model, trust_remote_code=True, use_safetensors=True, dtype=dtype
             )
         else:
-            pipe = ClassConditionedDDIMPipeline.from_pretrained(model, use_safetensors=True, torch_dtype=dtype)
+            pipe = ClassConditionedDDIMPipeline.from_pretrained(model, use_safetensors=True, dtype=dtype)
     # What diffusers, safetensors and the Hub client raise for a missing, truncated or foreign folder or id (Hub
     # errors are OSErrors, a bad config value a ValueError or TypeError); anything else is a bug and keeps its trace.
     except (OSError, ValueError, TypeError, SafetensorError) as error:

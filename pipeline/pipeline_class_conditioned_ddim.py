@@ -65,8 +65,9 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
             best measured setting with the model.
         default_guidance_scale (`float`, *optional*, defaults to 1.0):
             Classifier-free guidance scale used when a call does not say; saved likewise.
-        default_guidance_interval (`tuple[float, float]`, *optional*, defaults to `(0.0, 1.0)`):
-            The part of the denoising steps that is guided when a call does not say; saved likewise.
+        default_guidance_interval (`list[float]`, *optional*, defaults to `None`):
+            `[start, stop]`, the part of the denoising steps that is guided when a call does not say (`None`: all of
+            them, `[0.0, 1.0]`); saved likewise.
     """
 
     model_cpu_offload_seq = "unet"
@@ -94,7 +95,8 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
         scheduler: SchedulerMixin,
         default_num_inference_steps: int = 50,
         default_guidance_scale: float = 1.0,
-        default_guidance_interval: tuple[float, float] = (0.0, 1.0),
+        # A list, not a tuple: diffusers checks the types of these arguments on loading and knows lists only.
+        default_guidance_interval: list[float] | None = None,
     ):
         super().__init__()
         # Unlike diffusers' DDIMPipeline we keep the scheduler we are given: a saved pipeline may carry a faster
@@ -103,7 +105,7 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
         self.register_to_config(
             default_num_inference_steps=default_num_inference_steps,
             default_guidance_scale=default_guidance_scale,
-            default_guidance_interval=list(default_guidance_interval),
+            default_guidance_interval=list(default_guidance_interval or (0.0, 1.0)),
         )
 
     @classmethod

@@ -143,7 +143,7 @@ def build_pipeline(
         scheduler=noise_scheduler,
         default_num_inference_steps=args.default_num_inference_steps,
         default_guidance_scale=args.default_guidance_scale,
-        default_guidance_interval=tuple(args.default_guidance_interval),
+        default_guidance_interval=list(args.default_guidance_interval),
     )
     set_scheduler(pipeline, args.default_scheduler)
     return pipeline

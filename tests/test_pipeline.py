@@ -213,7 +213,7 @@ def test_the_pipeline_class_refuses_pickle_weights_by_default(tmp_path, tiny_pip
 
 def test_saved_sampling_defaults_are_used_after_loading(tmp_path, tiny_unet):
     pipe = ClassConditionedDDIMPipeline(tiny_unet, DDIMScheduler(), default_num_inference_steps=4,
-                                        default_guidance_scale=2.0, default_guidance_interval=(0.25, 1.0))  # fmt: skip
+                                        default_guidance_scale=2.0, default_guidance_interval=[0.25, 1.0])  # fmt: skip
     set_scheduler(pipe, "dpm++")
     pipe.save_pretrained(tmp_path)
     loaded = ClassConditionedDDIMPipeline.from_pretrained(tmp_path)
