@@ -114,6 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Length of the class embedding, i.e. extra input channels carrying the class.",
     )
     model.add_argument(
+        "--attention_head_dim",
+        type=positive_int,
+        default=8,
+        help="Channels per self-attention head (diffusers' UNet2DModel default 8); must divide the attention levels' "
+        "widths.",
+    )
+    model.add_argument(
         "--down_block_types",
         nargs="+",
         default=["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
@@ -383,6 +390,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"every --block_out_channels entry {args.block_out_channels} must be divisible by "
             f"--norm_num_groups {args.norm_num_groups}"
+        )
+    attention_widths = [channels for channels, block in zip(args.block_out_channels, args.down_block_types, strict=True)
+                        if block.startswith("Attn")]  # fmt: skip
+    if any(channels % args.attention_head_dim for channels in attention_widths):
+        parser.error(
+            f"--attention_head_dim {args.attention_head_dim} must divide the width of every level with attention "
+            f"({attention_widths})"
         )
     return args
 

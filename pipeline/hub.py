@@ -74,7 +74,9 @@ Dataset: {dataset}. {training_line}
 CONFIG_KEYS = [
     "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps",
     "num_epochs", "max_train_steps", "use_ema", "class_dropout_prob", "num_train_timesteps", "beta_schedule",
-    "block_out_channels", "layers_per_block", "class_emb_size", "time_class_embedding", "mixed_precision", "seed",
+    "prediction_type", "snr_gamma", "block_out_channels", "layers_per_block", "down_block_types", "class_emb_size",
+    "time_class_embedding", "mixed_precision", "seed", "default_scheduler", "default_num_inference_steps",
+    "default_guidance_scale", "default_guidance_interval",
 ]  # fmt: skip
 
 

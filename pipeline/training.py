@@ -70,6 +70,7 @@ def build_model(args: argparse.Namespace, label_names: list[str]) -> ClassCondit
             "layers_per_block": args.layers_per_block,
             "down_block_types": tuple(args.down_block_types),
             "up_block_types": tuple(args.up_block_types),
+            "attention_head_dim": args.attention_head_dim,
             "class_emb_size": args.class_emb_size,
             "norm_num_groups": args.norm_num_groups,
             "time_class_embedding": args.time_class_embedding,

@@ -132,6 +132,7 @@ def test_train_cli_bad_dataset(tmp_path, dataset, message):
         (["--max_train_steps", "-5"], "must be a positive integer"),
         (["--learning_rate", "-1"], "--learning_rate: must be a positive number, got -1"),
         (["--default_guidance_interval", "0.5", "0.2"], "--default_guidance_interval must be START STOP with 0 <="),
+        (["--attention_head_dim", "24"], "--attention_head_dim 24 must divide the width of every level with attention"),
         (["--dataset", "/no/such/folder"], "Dataset folder '/no/such/folder' does not exist"),
         (["--dataset", str(REPO_ROOT / "data" / "mnist" / "README.md")], "is a file; pass the folder that holds"),
         (["--output_dir", str(REPO_ROOT / "README.md")], "is a file; pass a folder"),

@@ -82,6 +82,8 @@ def test_run_artifacts_in_the_output_folder(logged_run):
     assert "the validation reference" in card  # training never reports against the test split
     assert "`data/mnist` (the `ylecun/mnist` layout)" in card and "`num_epochs`" not in card  # --max_train_steps ran
     assert ("- ddim" in card) == (summary["final_metrics"]["scheduler"] == "DDIMScheduler")
+    # The recipe's sampling defaults, which pipe(class_labels) uses, are in the card.
+    assert "| `default_guidance_scale` |" in card and "| `default_guidance_interval` | [0.0, 1.0] |" in card
 
 
 def test_only_the_main_process_logs(tmp_path):
