@@ -83,8 +83,9 @@ PRESETS: dict[str, dict] = {
         "default_guidance_scale": 3.0,
     },
     # Made for one GPU: the seed's architecture (channels 32, 64, 64; attention in the two deeper blocks) with the
-    # levers that won on the CPU (class in the timestep embedding, cosine schedule, min-SNR-5, class dropout, EMA),
-    # trained 50 epochs at batch 512 with bf16 autocast. Prepared, not yet measured on a GPU (README "Quality").
+    # levers that won on the CPU (class in the timestep embedding, cosine schedule, v-prediction with min-SNR-5, class
+    # dropout, EMA), trained 50 epochs at batch 512 with bf16 autocast. Prepared, not yet measured on a GPU (README
+    # "Quality").
     "quality": {
         "block_out_channels": [32, 64, 64],
         "layers_per_block": 2,
@@ -98,6 +99,7 @@ PRESETS: dict[str, dict] = {
         "ema_max_decay": 0.9995,
         "class_dropout_prob": 0.1,
         "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": "v_prediction",
         "snr_gamma": 5.0,
         "mixed_precision": "bf16",
         "default_scheduler": "dpm++",
