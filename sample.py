@@ -14,7 +14,7 @@ import os
 import sys
 
 from pipeline.errors import UsageError
-from pipeline.schedulers import SCHEDULERS, guidance_interval_problem
+from pipeline.schedulers import SCHEDULERS, add_guidance_interval_flag, guidance_interval_problem
 
 DTYPES = ["float32", "float16", "bfloat16"]
 
@@ -45,15 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Classifier-free guidance scale (1 = off; default: the model's saved default); needs a model trained "
         "with --class_dropout_prob.",
     )
-    parser.add_argument(
-        "--guidance_interval",
-        type=float,
-        nargs=2,
-        default=None,
-        metavar=("START", "STOP"),
-        help="Guide only this part of the denoising steps, as fractions, e.g. 0.2 0.8 (default: the model's saved "
-        "default, usually every step).",
-    )
+    add_guidance_interval_flag(parser)
     parser.add_argument(
         "--scheduler", choices=sorted(SCHEDULERS), default=None, help="Sampler (default: the one saved with the model)."
     )

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from pipeline.presets import PRESETS
-from pipeline.schedulers import SCHEDULERS, guidance_interval_problem
+from pipeline.schedulers import SCHEDULERS, add_guidance_interval_flag, guidance_interval_problem
 
 DEFAULT_DATASET = str(Path(__file__).resolve().parent / "data" / "mnist")
 
@@ -187,12 +187,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sampling.add_argument(
         "--default_guidance_scale", type=float, default=1.0, help="Guidance scale when a call does not say."
     )
-    sampling.add_argument(
+    add_guidance_interval_flag(
+        sampling,
         "--default_guidance_interval",
-        type=float,
-        nargs=2,
         default=[0.0, 1.0],
-        metavar=("START", "STOP"),
         help="Part of the denoising steps that is guided when a call does not say, as fractions (default: all).",
     )
 

@@ -28,7 +28,7 @@ from .data import ImageClassData, load_split
 from .errors import UsageError
 from .loading import load_pipeline
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
-from .schedulers import SCHEDULERS, guidance_interval_problem, set_scheduler
+from .schedulers import SCHEDULERS, add_guidance_interval_flag, guidance_interval_problem, set_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -274,14 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Classifier-free guidance scale (default: the pipeline's saved default).",
     )
-    parser.add_argument(
-        "--guidance_interval",
-        type=float,
-        nargs=2,
-        default=None,
-        metavar=("START", "STOP"),
-        help="Guide only this part of the denoising steps, as fractions (default: the pipeline's saved default).",
-    )
+    add_guidance_interval_flag(parser)
     parser.add_argument(
         "--scheduler",
         choices=sorted(SCHEDULERS),

@@ -1,5 +1,7 @@
 """The samplers a trained pipeline can switch to, by short name (for the CLIs and the evaluation)."""
 
+import argparse
+
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -32,6 +34,17 @@ def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
         raise UsageError(f"Unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}.")
     config = pipe.scheduler.config
     pipe.scheduler = SCHEDULERS[name].from_config(config, timestep_spacing=config.get("timestep_spacing", "leading"))
+
+
+def add_guidance_interval_flag(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    name: str = "--guidance_interval",
+    default: list[float] | None = None,
+    help: str = "Guide only this part of the denoising steps, as fractions, e.g. 0.2 1 (default: the model's saved "
+    "default, usually every step).",
+) -> None:
+    """The CLIs' `START STOP` flag of `pipe(guidance_interval=...)`; check it with `guidance_interval_problem`."""
+    parser.add_argument(name, type=float, nargs=2, default=default, metavar=("START", "STOP"), help=help)
 
 
 def guidance_interval_problem(interval: list[float]) -> str | None:
