@@ -14,7 +14,7 @@ import os
 import sys
 
 from pipeline.errors import UsageError
-from pipeline.schedulers import SCHEDULERS, add_guidance_interval_flag, guidance_interval_problem
+from pipeline.schedulers import SCHEDULERS, add_guidance_interval_flag
 
 DTYPES = ["float32", "float16", "bfloat16"]
 
@@ -66,8 +66,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num_images_per_label must be at least 1, got {args.num_images_per_label}")
     if args.num_inference_steps is not None and args.num_inference_steps < 1:
         parser.error(f"--num_inference_steps must be at least 1, got {args.num_inference_steps}")
-    if args.guidance_interval and (problem := guidance_interval_problem(args.guidance_interval)):
-        parser.error(f"--guidance_interval {problem}")
     # Checked before any sampling, so a typo does not cost a whole run.
     extensions = image_extensions()
     if os.path.splitext(args.output)[1].lower() not in extensions:

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from pipeline.presets import PRESETS
-from pipeline.schedulers import SCHEDULERS, add_guidance_interval_flag, guidance_interval_problem
+from pipeline.schedulers import SCHEDULERS, add_guidance_interval_flag
 
 DEFAULT_DATASET = str(Path(__file__).resolve().parent / "data" / "mnist")
 
@@ -382,8 +382,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"({len(args.down_block_types)}) and --up_block_types ({len(args.up_block_types)}) must have one entry "
             "per UNet level each"
         )
-    if problem := guidance_interval_problem(args.default_guidance_interval):
-        parser.error(f"--default_guidance_interval {problem}")
     if any(channels % args.norm_num_groups for channels in args.block_out_channels):
         parser.error(
             f"every --block_out_channels entry {args.block_out_channels} must be divisible by "

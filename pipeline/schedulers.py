@@ -36,6 +36,17 @@ def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
     pipe.scheduler = SCHEDULERS[name].from_config(config, timestep_spacing=config.get("timestep_spacing", "leading"))
 
 
+class GuidanceIntervalAction(argparse.Action):
+    """Stores `START STOP` after checking it as `pipe(guidance_interval=...)` would, as a one-line argparse error."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        start, stop = values
+        if not 0.0 <= start < stop <= 1.0:
+            parser.error(f"{self.option_strings[0]} must be START STOP with 0 <= START < STOP <= 1 (fractions of the "
+                         f"denoising steps), got {start} {stop}")  # fmt: skip
+        setattr(namespace, self.dest, values)
+
+
 def add_guidance_interval_flag(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     name: str = "--guidance_interval",
@@ -43,13 +54,6 @@ def add_guidance_interval_flag(
     help: str = "Guide only this part of the denoising steps, as fractions, e.g. 0.2 1 (default: the model's saved "
     "default, usually every step).",
 ) -> None:
-    """The CLIs' `START STOP` flag of `pipe(guidance_interval=...)`; check it with `guidance_interval_problem`."""
-    parser.add_argument(name, type=float, nargs=2, default=default, metavar=("START", "STOP"), help=help)
-
-
-def guidance_interval_problem(interval: list[float]) -> str | None:
-    """Why `interval` is not a valid `(start, stop)` guidance interval for the CLIs' parsers, or None if it is."""
-    start, stop = interval
-    if not 0.0 <= start < stop <= 1.0:
-        return f"must be START STOP with 0 <= START < STOP <= 1 (fractions of the denoising steps), got {start} {stop}"
-    return None
+    """The CLIs' `START STOP` flag of `pipe(guidance_interval=...)`, checked as it is parsed."""
+    parser.add_argument(name, type=float, nargs=2, default=default, metavar=("START", "STOP"), help=help,
+                        action=GuidanceIntervalAction)  # fmt: skip
