@@ -27,23 +27,51 @@ PRESETS: dict[str, dict] = {
         "default_num_inference_steps": 50,
         "default_guidance_scale": 1.0,
     },
-    # Made for a 2-core CPU: 1,500 steps of 64 images. A fifth of the seed's width, self-attention kept at 14x14 and
-    # 7x7 (attention at 7x7 only trains 1.4x faster per image but samples far worse: row quick-attention-7x7-batch-128),
-    # the class also fed through the timestep embedding, a cosine noise schedule (the seed's linear one leaves a
-    # bright haze at this training length) with min-SNR-5 weighting, v-prediction (98.3 % / FID 39.8 against
-    # epsilon's 96.5 % / 51.3 on the validation reference: row quick-v-prediction), class dropout for guidance, EMA,
-    # and DPM-Solver++ at 20 steps with guidance 2 on every step saved as the sampling default (lower guidance or a
-    # guidance interval trade accuracy for FID: row quick-v-prediction-sampling). Measured: README "Quality".
+    # Made for a 2-core CPU: 2,000 steps of 64 images. A fifth of the seed's width, self-attention kept at 14x14 and
+    # 7x7 (attention at 7x7 only trains 1.4x faster per image but samples far worse: row quick-attention-7x7-batch-128)
+    # with one head per layer (1.39x more images/s than 4 heads of 8, spent on 2,000 steps instead of 1,500: 99.0 %
+    # against 98.3 % at the same FID, row quick-head-dim-32-2000-steps), the class also fed through the timestep
+    # embedding, a cosine noise schedule (the seed's linear one leaves a bright haze at this training length) with
+    # min-SNR-5 weighting, v-prediction (98.3 % / FID 39.8 against epsilon's 96.5 % / 51.3 on the validation
+    # reference: row quick-v-prediction), class dropout for guidance, EMA, and DPM-Solver++ at 20 steps with guidance
+    # 2 on every step saved as the sampling default (lower guidance or a guidance interval trade accuracy for FID: row
+    # quick-v-prediction-sampling). Measured: README "Quality".
     "quick": {
         "block_out_channels": [16, 32, 32],
         "norm_num_groups": 8,
         "layers_per_block": 1,
+        "attention_head_dim": 32,
         "time_class_embedding": True,
         "train_batch_size": 64,
-        "max_train_steps": 1500,
+        "max_train_steps": 2000,
         "learning_rate": 2e-3,
         "lr_scheduler": "cosine",
         "lr_warmup_steps": 100,
+        "use_ema": True,
+        "ema_power": 2 / 3,
+        "class_dropout_prob": 0.1,
+        "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": "v_prediction",
+        "snr_gamma": 5.0,
+        "default_scheduler": "dpm++",
+        "default_num_inference_steps": 20,
+        "default_guidance_scale": 2.0,
+    },
+    # An hour on a 2-core CPU: quick's recipe on a wider network (24, 48, 48 channels; one attention head per layer),
+    # 4,500 steps of 64 images (4.8 epochs). The width costs 1.43x per image (bench/train_throughput.py rows
+    # width-24-48-48-head-dim-48 and quick-attention-head-dim-32); the hour buys it more than twice quick's steps.
+    # Measured: README "Quality", row cpu-hour.
+    "cpu-hour": {
+        "block_out_channels": [24, 48, 48],
+        "norm_num_groups": 8,
+        "layers_per_block": 1,
+        "attention_head_dim": 48,
+        "time_class_embedding": True,
+        "train_batch_size": 64,
+        "max_train_steps": 4500,
+        "learning_rate": 2e-3,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 200,
         "use_ema": True,
         "ema_power": 2 / 3,
         "class_dropout_prob": 0.1,
