@@ -4,14 +4,14 @@ Every value was chosen by measurement; bench/quality.py reproduces the rows in R
 """
 
 # `quick`, made for a 2-core CPU (15 minutes): 2,000 steps of 64 images. A fifth of the seed's width, self-attention
-# kept at 14x14 and 7x7 (attention at 7x7 only trains 1.4x faster per image but samples far worse: row quick-
-# attention-7x7-batch-128) with one head per layer (1.39x more images/s than 4 heads of 8, spent on 2,000 steps
+# kept at 14x14 and 7x7 (attention at 7x7 only trains 1.4x faster per image but samples far worse: row
+# quick-attention-7x7-batch-128) with one head per layer (1.39x more images/s than 4 heads of 8, spent on 2,000 steps
 # instead of 1,500: 99.0 % against 98.3 % at the same FID, row quick-head-dim-32-2000-steps), the class also fed
 # through the timestep embedding, a cosine noise schedule (the seed's linear one leaves a bright haze at this training
 # length) with min-SNR-5 weighting, v-prediction (98.3 % / FID 39.8 against epsilon's 96.5 % / 51.3 on the validation
 # reference: row quick-v-prediction), class dropout for guidance, EMA, and DPM-Solver++ at 20 steps with guidance 2 on
-# every step saved as the sampling default (lower guidance or a guidance interval trade accuracy for FID: row quick-v-
-# prediction-sampling). Measured: README "Quality".
+# every step saved as the sampling default (lower guidance or a guidance interval trade accuracy for FID: row
+# quick-v-prediction-sampling). Measured: README "Quality".
 QUICK: dict = {
     "block_out_channels": [16, 32, 32],
     "norm_num_groups": 8,
