@@ -62,8 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=sorted(PRESETS),
         default=None,
         help="A measured recipe (see README): seed (the notebook's), quick (15 minutes on a 2-core CPU), "
-        "cpu-hour (an hour on a 2-core CPU), quality (one GPU), smoke (a short run that shows a set-up learns). It sets defaults; flags given "
-        "explicitly still win.",
+        "cpu-hour (an hour on a 2-core CPU), quality (one GPU), smoke (a short run that shows a set-up learns). It "
+        "sets defaults; flags given explicitly still win.",
     )
     parser.add_argument("--print_config", action="store_true", help="Print the resolved settings as JSON and exit.")
 
