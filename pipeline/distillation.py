@@ -77,6 +77,21 @@ class ConsistencyDistillation:
         c_skip, c_out = boundary_scalings(timesteps)
         return c_skip * noisy + c_out * clean
 
+    @torch.no_grad()
+    def teacher_step(
+        self, noisy: torch.Tensor, start: torch.Tensor, end: torch.Tensor, class_labels: torch.Tensor
+    ) -> torch.Tensor:
+        """One guided DDIM step of the teacher from `start` to `end` (both guidance halves in one batch)."""
+        null_labels = torch.full_like(class_labels, self.teacher.null_class_id)
+        noisy_twice, start_twice = torch.cat([noisy, noisy]), torch.cat([start, start])
+        output = self.teacher(noisy_twice, start_twice, torch.cat([class_labels, null_labels])).sample.float()
+        clean, eps = self.clean_and_noise(output, noisy_twice, start_twice)
+        (clean_cond, clean_uncond), (eps_cond, eps_uncond) = clean.chunk(2), eps.chunk(2)
+        clean = clean_uncond + self.guidance_scale * (clean_cond - clean_uncond)
+        eps = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+        alpha_end = self.alphas_cumprod[end][:, None, None, None]
+        return alpha_end.sqrt() * clean + (1 - alpha_end).sqrt() * eps
+
     def __call__(
         self,
         student: torch.nn.Module,
@@ -97,16 +112,7 @@ class ConsistencyDistillation:
         prediction = self.consistency_output(student, noisy, start, class_labels)
 
         with torch.no_grad():
-            # The teacher's guided DDIM step t_n -> t_n - k, both guidance halves in one batch.
-            null_labels = torch.full_like(class_labels, self.teacher.null_class_id)
-            output = self.teacher(torch.cat([noisy, noisy]), torch.cat([start, start]),
-                                  torch.cat([class_labels, null_labels])).sample.float()  # fmt: skip
-            clean, eps = self.clean_and_noise(output, torch.cat([noisy, noisy]), torch.cat([start, start]))
-            (clean_cond, clean_uncond), (eps_cond, eps_uncond) = clean.chunk(2), eps.chunk(2)
-            clean = clean_uncond + self.guidance_scale * (clean_cond - clean_uncond)
-            eps = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
-            alpha_end = self.alphas_cumprod[end][:, None, None, None]
-            previous = alpha_end.sqrt() * clean + (1 - alpha_end).sqrt() * eps
+            previous = self.teacher_step(noisy, start, end, class_labels)
             target = self.consistency_output(target_network, previous, end, class_labels)
 
         # pseudo-Huber: like L2 near zero, like L1 for large errors (Song & Dhariwal 2023)
