@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument(
         "--reference", choices=REFERENCES, default="test", help="The held-out images FID compares with."
     )
+    parser.add_argument("--student", default=None, help="A distilled student of --model: its 4, 2 and 1 steps too.")
     parser.add_argument("--results", default=str(RESULTS), help="JSON-lines file to append to.")
     args = parser.parse_args()
     num_images_per_label = 20 if args.quick else 100
@@ -112,6 +113,20 @@ def main() -> None:
             rows.append({"setting": f"{sampler} {steps} steps", "sampler": sampler, "num_inference_steps": steps,
                          "unet_calls_per_image": steps, "guidance_scale": guidance_scale,
                          **measure(ours, args.seeds, evaluation_set)})  # fmt: skip
+    if args.student:  # a student of distill.py: its own few steps, unguided (the teacher's guidance is built in)
+        student = load_pipeline(args.student, device="cpu")
+        student.set_progress_bar_config(disable=True)
+        for steps in (4, 2, 1):
+
+            def distilled(seed: int, steps: int = steps):
+                return generate_for_evaluation(student, num_images_per_label, steps, 1.0, seed=seed)
+
+            rows.append({"setting": f"student {type(student.scheduler).__name__} {steps} steps", "sampler": "student",
+                         "num_inference_steps": steps, "unet_calls_per_image": steps, "guidance_scale": 1.0,
+                         **measure(distilled, args.seeds, evaluation_set)})  # fmt: skip
+    for row in rows:
+        # network evaluations per image: a guided call evaluates the UNet on a doubled batch
+        row["evaluations_per_image"] = row["unet_calls_per_image"] * (2 if row["guidance_scale"] > 1 else 1)
     for row in rows:
         print(f"{row['setting']:<26} guidance {row['guidance_scale']:<4} {row['img_s']['mean']:7.1f} img/s  "
               f"calls/image {row['unet_calls_per_image']:>3}  accuracy {row['cond_accuracy']['mean']:.3f}  "
@@ -127,6 +142,7 @@ def main() -> None:
         "name": args.name or ("quick" if args.quick else "full"),
         "provenance": provenance,
         "model": args.model,
+        "student": args.student,
         "reference": evaluation_set.reference_name,
         "floor_source": evaluation_set.floor_source,
         "seeds": args.seeds,
