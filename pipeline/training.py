@@ -484,7 +484,8 @@ def log_banner(
 ) -> None:
     if args.preset:
         logger.info(f"Preset {args.preset!r}; the run's settings: {json.dumps(tracker_config(args))}")
-    logger.info("***** Running training *****")
+    what = f"distillation of {args.teacher}" if args.teacher else "training"
+    logger.info(f"***** Running {what} *****")
     logger.info(f"  Num examples = {num_samples}")
     logger.info(f"  Num epochs = {math.ceil(max_train_steps / steps_per_epoch)}")
     logger.info(f"  Batch size per device = {args.train_batch_size}")
