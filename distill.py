@@ -72,6 +72,11 @@ def adopt_teacher_settings(parser: argparse.ArgumentParser, args: argparse.Names
             parser.error(f"--teacher {args.teacher!r} is not a readable saved pipeline ({path}: {error})")
     unet_config, scheduler_config = configs["unet/config.json"], configs["scheduler/scheduler_config.json"]
     args.model_config = files["unet/config.json"]
+    # The architecture flags are overridden by --model_config; set them to the teacher's so that the tracker config,
+    # the summary and the model card show the network that was distilled.
+    for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "class_emb_size",
+                "attention_head_dim", "norm_num_groups", "time_class_embedding"):  # fmt: skip
+        setattr(args, key, unet_config[key])
     args.resolution = unet_config["sample_size"]
     args.num_train_timesteps = scheduler_config["num_train_timesteps"]
     args.beta_schedule = scheduler_config["beta_schedule"]
