@@ -124,6 +124,7 @@ def test_student_loads_three_ways_and_samples_with_its_saved_steps(student_dir, 
     assert (tmp_path / "grid.png").exists()
     card = (student_dir / "README.md").read_text()
     assert "Distilled from the pipeline `run`" in card and "consistency-distillation" in card
+    assert "| `block_out_channels` | [16, 16, 16] |" in card  # the teacher's network, not the flags' defaults
 
 
 def test_resumed_distillation_is_bit_exact(teacher_dir, student_dir, tmp_path):
