@@ -50,9 +50,9 @@ def parse_distill_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--huber_c", type=positive_float, default=0.001, help="The pseudo-Huber loss's c (diffusers' LCM default)."
     )
     parser.set_defaults(**DISTILLATION_DEFAULTS)
-    args = parse_args(argv, parser)
-    if args.preset:
+    if parser.parse_args(argv).preset:  # checked before parse_args applies it
         parser.error("--preset names training recipes; distill.py takes the teacher's network and its own defaults")
+    args = parse_args(argv, parser)
     if args.default_scheduler != "lcm":
         parser.error("a consistency-distilled student samples with --default_scheduler lcm only")
     adopt_teacher_settings(parser, args)
