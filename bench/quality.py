@@ -60,8 +60,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--name", required=True, help="Name of the row (and of the output folder).")
     parser.add_argument("--config", default="cpu.yaml", help="accelerate config in accelerate_configs/.")
-    parser.add_argument("--script", default="train_conditional.py", choices=["train_conditional.py", "distill.py"],
-                        help="What makes the pipeline: training, or distilling a teacher (pass --teacher after --).")
+    parser.add_argument(
+        "--script",
+        default="train_conditional.py",
+        choices=["train_conditional.py", "distill.py"],
+        help="What makes the pipeline: training, or distilling a teacher (pass --teacher after --).",
+    )
     parser.add_argument("--eval", nargs="+", default=["ddim:50"], help="sampler:steps[:guidance[:start-stop]].")
     parser.add_argument("--reference", choices=REFERENCES, default="test", help="Evaluation reference.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Sampling seeds of each evaluation.")

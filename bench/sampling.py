@@ -125,9 +125,6 @@ def main() -> None:
                          "num_inference_steps": steps, "unet_calls_per_image": steps, "guidance_scale": 1.0,
                          **measure(distilled, args.seeds, evaluation_set)})  # fmt: skip
     for row in rows:
-        # network evaluations per image: a guided call evaluates the UNet on a doubled batch
-        row["evaluations_per_image"] = row["unet_calls_per_image"] * (2 if row["guidance_scale"] > 1 else 1)
-    for row in rows:
         print(f"{row['setting']:<26} guidance {row['guidance_scale']:<4} {row['img_s']['mean']:7.1f} img/s  "
               f"calls/image {row['unet_calls_per_image']:>3}  accuracy {row['cond_accuracy']['mean']:.3f}  "
               f"FID {row['fid']['mean']:7.2f} (floor {row['fid_real_floor']['mean']:.2f})")  # fmt: skip
