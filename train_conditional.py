@@ -55,8 +55,9 @@ def probability(text: str) -> float:
     return value
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.ArgumentParser:
+    """Every training flag; `distill.py` adds its own group to the same parser."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -359,7 +360,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Train the evaluation classifier on the first N images only (tests); default: the whole split.",
     )
+    # distill.py's flag; plain training has no teacher.
+    parser.set_defaults(teacher=None)
+    return parser
 
+
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse and check the flags (a preset's values become defaults, explicit flags win); exit 2 on bad input."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     if args.preset:
         # Apply the preset as defaults, then parse again so that explicit flags override it.

@@ -4,12 +4,13 @@
     python bench/quality.py --name quick-guidance --model_dir output/bench/quick --skip_training \
         --reference validation --eval dpm++:20:1.5 dpm++:20:2 dpm++:20:3       # a tuning row: validation reference
 
-Everything after `--` goes to train_conditional.py (run through `accelerate launch` with the given config, into
-OUTPUT_ROOT/NAME). Each evaluation is `sampler:steps[:guidance[:start-stop]]` (the saved guidance scale and interval
-when left out; `dpm++:20:2:0.2-0.8` guides the middle 60 % of the steps only), run by
-`python -m pipeline.evaluate` with every --seeds seed against --reference (test for reporting, validation for
-tuning). The row holds this command exactly, its commit, date and machine (see provenance.py), the measured training
-wall time and the run's `training_summary.json`; README's tables are rendered from such rows by bench/report.py.
+Everything after `--` goes to train_conditional.py, or to distill.py with `--script distill.py` (run through
+`accelerate launch` with the given config, into OUTPUT_ROOT/NAME). Each evaluation is
+`sampler:steps[:guidance[:start-stop]]` (the saved guidance scale and interval when left out; `dpm++:20:2:0.2-0.8`
+guides the middle 60 % of the steps only), run by `python -m pipeline.evaluate` with every --seeds seed against
+--reference (test for reporting, validation for tuning). The row holds this command exactly, its commit, date and
+machine (see provenance.py), the measured training wall time and the run's `training_summary.json`; README's tables
+are rendered from such rows by bench/report.py.
 """
 
 import argparse
@@ -27,10 +28,10 @@ from pipeline.evaluate import REFERENCES
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def train(output_dir: Path, config: str, train_args: list[str]) -> float:
-    """Run train_conditional.py through `accelerate launch`; return its measured wall time in seconds."""
+def train(output_dir: Path, config: str, script: str, train_args: list[str]) -> float:
+    """Run `script` (train_conditional.py or distill.py) through `accelerate launch`; return its wall time in s."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO_ROOT / "accelerate_configs" / config), str(REPO_ROOT / "train_conditional.py"),
+               str(REPO_ROOT / "accelerate_configs" / config), str(REPO_ROOT / script),
                "--output_dir", str(output_dir), "--overwrite_output_dir", *train_args]  # fmt: skip
     started = time.perf_counter()
     subprocess.run(command, check=True, env=dict(os.environ, TQDM_DISABLE="1"))
@@ -59,6 +60,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--name", required=True, help="Name of the row (and of the output folder).")
     parser.add_argument("--config", default="cpu.yaml", help="accelerate config in accelerate_configs/.")
+    parser.add_argument(
+        "--script",
+        default="train_conditional.py",
+        choices=["train_conditional.py", "distill.py"],
+        help="What makes the pipeline: training, or distilling a teacher (pass --teacher after --).",
+    )
     parser.add_argument("--eval", nargs="+", default=["ddim:50"], help="sampler:steps[:guidance[:start-stop]].")
     parser.add_argument("--reference", choices=REFERENCES, default="test", help="Evaluation reference.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Sampling seeds of each evaluation.")
@@ -73,8 +80,9 @@ def main() -> None:
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     output_dir = Path(args.model_dir or Path(args.output_root) / args.name).resolve()
 
-    row = {"name": args.name, "provenance": run_record(), "accelerate_config": args.config, "train_args": train_args}
-    row["train_wall_s"] = None if args.skip_training else train(output_dir, args.config, train_args)
+    row = {"name": args.name, "provenance": run_record(), "accelerate_config": args.config, "script": args.script,
+           "train_args": train_args}  # fmt: skip
+    row["train_wall_s"] = None if args.skip_training else train(output_dir, args.config, args.script, train_args)
     summary_path = output_dir / "training_summary.json"
     if summary_path.exists():  # the run's own record: total time over resumed segments, steps, batch, final loss
         summary = json.loads(summary_path.read_text())

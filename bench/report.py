@@ -144,12 +144,18 @@ def sampling(rows: list[dict]) -> str:
             f"`{row['name']}`: model `{row['model']}`, {row['num_images_per_label']} images per class, seeds {seeds}, "
             f"FID against {row['reference']} (floor: {row['floor_source']}):",
             "",
-            "| setting | UNet calls per image | guidance | images/s | cond. accuracy | FID | real floor |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| setting | UNet calls per image | network evaluations per image | guidance | images/s | vs seed loop "
+            "| cond. accuracy | FID | real floor |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
+        seed_img_s = row["settings"][0]["img_s"]["mean"]  # bench/sampling.py measures the seed loop first
         for setting in row["settings"]:
-            cells = [setting["setting"], str(setting["unet_calls_per_image"]), f"{setting['guidance_scale']:g}",
-                     plus_minus(setting["img_s"]), plus_minus(setting["cond_accuracy"], 100, " %"),
+            # a guided call evaluates the UNet on a doubled batch
+            evaluations = setting["unet_calls_per_image"] * (2 if setting["guidance_scale"] > 1 else 1)
+            cells = [setting["setting"], str(setting["unet_calls_per_image"]), str(evaluations),
+                     f"{setting['guidance_scale']:g}",
+                     plus_minus(setting["img_s"]), f"{setting['img_s']['mean'] / seed_img_s:.1f}×",
+                     plus_minus(setting["cond_accuracy"], 100, " %"),
                      plus_minus(setting["fid"]), plus_minus(setting["fid_real_floor"])]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
         best = row["fewest_calls_at_seed_quality"]

@@ -2,14 +2,16 @@
 
     python bench/sampling.py --model output/mnist-quick             # 100 images per class per setting, seeds 0 1 2
     python bench/sampling.py --model output/mnist-quick --quick     # 20 images per class, fewer settings
+    python bench/sampling.py --model output/mnist-quick --student output/mnist-quick-lcm --quick  # + a student's steps
 
-For each setting and each seed it samples, times and scores the images: images/s, UNet calls per image and the
-evaluator's conditional accuracy and FID (with the real-data floor), all on the same trained model and the same
-machine; each figure is reported as the mean and standard deviation over the seeds. The seed's loop is written out
-as in the notebook: `net(x, t, y)` then `scheduler.step(...)` for each of `DDIMScheduler.set_timesteps(40)`.
-Classifier-free guidance doubles the batch of each UNet call, not the number of calls. The run is appended as one
-JSON line, with its provenance (command, commit, date, machine), to --results, from which bench/report.py renders
-README's table; the last line printed is that row.
+The settings: the seed loop, the model's saved default (what `pipe(class_labels)` runs), our samplers, and with
+--student a distilled student's 4, 2 and 1 steps. For each setting and each seed it samples, times and scores the
+images: images/s, UNet calls per image and the evaluator's conditional accuracy and FID (with the real-data floor),
+all on the same trained model and the same machine; each figure is reported as the mean and standard deviation over
+the seeds. The seed's loop is written out as in the notebook: `net(x, t, y)` then `scheduler.step(...)` for each of
+`DDIMScheduler.set_timesteps(40)`. Classifier-free guidance doubles the batch of each UNet call, not the number of
+calls. The run is appended as one JSON line, with its provenance (command, commit, date, machine), to --results,
+from which bench/report.py renders README's table; the last line printed is that row.
 """
 
 import argparse
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument(
         "--reference", choices=REFERENCES, default="test", help="The held-out images FID compares with."
     )
+    parser.add_argument("--student", default=None, help="A distilled student of --model: its 4, 2 and 1 steps too.")
     parser.add_argument("--results", default=str(RESULTS), help="JSON-lines file to append to.")
     args = parser.parse_args()
     num_images_per_label = 20 if args.quick else 100
@@ -102,6 +105,14 @@ def main() -> None:
     rows = [{"setting": f"seed loop: ddim {SEED_STEPS} steps", "sampler": "ddim", "num_inference_steps": SEED_STEPS,
              "unet_calls_per_image": SEED_STEPS, "guidance_scale": 1.0,
              **measure(seed_loop, args.seeds, evaluation_set)}]  # fmt: skip
+
+    def saved_default(seed: int) -> tuple[torch.Tensor, torch.Tensor]:  # the model as `pipe(class_labels)` samples
+        return generate_for_evaluation(pipe, num_images_per_label, seed=seed)
+
+    steps, guidance_scale = pipe.config.default_num_inference_steps, pipe.config.default_guidance_scale
+    rows.append({"setting": f"saved default: {type(pipe.scheduler).__name__} {steps} steps", "sampler": "saved",
+                 "num_inference_steps": steps, "unet_calls_per_image": steps, "guidance_scale": guidance_scale,
+                 **measure(saved_default, args.seeds, evaluation_set)})  # fmt: skip
     for sampler, steps in settings:
         set_scheduler(pipe, sampler)
         for guidance_scale in guidance_scales:
@@ -112,6 +123,17 @@ def main() -> None:
             rows.append({"setting": f"{sampler} {steps} steps", "sampler": sampler, "num_inference_steps": steps,
                          "unet_calls_per_image": steps, "guidance_scale": guidance_scale,
                          **measure(ours, args.seeds, evaluation_set)})  # fmt: skip
+    if args.student:  # a student of distill.py: its own few steps, unguided (the teacher's guidance is built in)
+        student = load_pipeline(args.student, device="cpu")
+        student.set_progress_bar_config(disable=True)
+        for steps in (4, 2, 1):
+
+            def distilled(seed: int, steps: int = steps):
+                return generate_for_evaluation(student, num_images_per_label, steps, 1.0, seed=seed)
+
+            rows.append({"setting": f"student {type(student.scheduler).__name__} {steps} steps", "sampler": "student",
+                         "num_inference_steps": steps, "unet_calls_per_image": steps, "guidance_scale": 1.0,
+                         **measure(distilled, args.seeds, evaluation_set)})  # fmt: skip
     for row in rows:
         print(f"{row['setting']:<26} guidance {row['guidance_scale']:<4} {row['img_s']['mean']:7.1f} img/s  "
               f"calls/image {row['unet_calls_per_image']:>3}  accuracy {row['cond_accuracy']['mean']:.3f}  "
@@ -127,6 +149,7 @@ def main() -> None:
         "name": args.name or ("quick" if args.quick else "full"),
         "provenance": provenance,
         "model": args.model,
+        "student": args.student,
         "reference": evaluation_set.reference_name,
         "floor_source": evaluation_set.floor_source,
         "seeds": args.seeds,

@@ -76,7 +76,7 @@ CONFIG_KEYS = [
     "num_epochs", "max_train_steps", "use_ema", "class_dropout_prob", "num_train_timesteps", "beta_schedule",
     "prediction_type", "snr_gamma", "block_out_channels", "layers_per_block", "down_block_types", "class_emb_size",
     "time_class_embedding", "mixed_precision", "seed", "default_scheduler", "default_num_inference_steps",
-    "default_guidance_scale", "default_guidance_interval",
+    "default_guidance_scale", "default_guidance_interval", "teacher_guidance_scale", "num_ddim_timesteps", "huber_c",
 ]  # fmt: skip
 
 
@@ -88,7 +88,8 @@ def write_model_card(output_dir: str, config: dict, summary: dict, id2label: dic
         library_name="diffusers",
         license="apache-2.0",
         tags=["diffusers", "class-conditional", "image-generation", "mnist", "pytorch"]
-        + (["ddim"] if scheduler == "DDIMScheduler" else []),
+        + (["ddim"] if scheduler == "DDIMScheduler" else [])
+        + (["consistency-distillation"] if config.get("teacher") else []),
         datasets=[dataset] if is_hub_dataset else None,
     )
     # --max_train_steps overrides --num_epochs: list only the one that decided the run's length.
@@ -109,6 +110,18 @@ def write_model_card(output_dir: str, config: dict, summary: dict, id2label: dic
         )
     else:
         metrics_text = "Not measured during training; run `python -m pipeline.evaluate --model THIS_FOLDER`."
+    training_line = (
+        f"{summary['global_step']} optimizer steps of {summary['global_batch_size']} images on "
+        f"{summary['num_processes']} {summary['device']} process(es), "
+        f"{summary.get('total_train_time_s', summary['wall_time_s']) / 60:.1f} minutes."
+    )
+    if config.get("teacher"):
+        training_line += (
+            f" Distilled from the pipeline `{os.path.basename(os.path.normpath(config['teacher']))}` by consistency "
+            f"distillation ([Luo et al. 2023](https://huggingface.co/papers/2310.04378)) on its "
+            f"{config['num_ddim_timesteps']}-step DDIM grid, with its guidance scale "
+            f"{config['teacher_guidance_scale']} built in: sample it unguided, with `LCMScheduler`, in 1 to 4 steps."
+        )
     content = CARD_TEMPLATE.format(
         metadata=metadata.to_yaml(),
         title=os.path.basename(os.path.abspath(output_dir)),
@@ -118,9 +131,7 @@ def write_model_card(output_dir: str, config: dict, summary: dict, id2label: dic
         dataset=f"[{dataset}](https://huggingface.co/datasets/{dataset})"
         if is_hub_dataset
         else f"the local folder `{local_dataset_name(dataset)}` (the `ylecun/mnist` layout)",
-        training_line=f"{summary['global_step']} optimizer steps of {summary['global_batch_size']} images on "
-        f"{summary['num_processes']} {summary['device']} process(es), "
-        f"{summary.get('total_train_time_s', summary['wall_time_s']) / 60:.1f} minutes.",
+        training_line=training_line,
         config_rows="\n".join(f"| `{key}` | {json.dumps(config[key])} |" for key in config_keys),
         metrics_text=metrics_text,
     )

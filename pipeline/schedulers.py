@@ -7,6 +7,7 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
@@ -19,6 +20,7 @@ SCHEDULERS = {
     "dpm++": DPMSolverMultistepScheduler,  # DPM-Solver++ (2nd order multistep), diffusers' default algorithm_type
     "unipc": UniPCMultistepScheduler,
     "euler": EulerDiscreteScheduler,
+    "lcm": LCMScheduler,  # for students of distill.py (consistency models); 1-8 steps
 }
 
 

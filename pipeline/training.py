@@ -7,6 +7,8 @@ of the run (final pipeline, summary, model card).
 """
 
 import argparse
+import copy
+import functools
 import json
 import logging
 import math
@@ -14,6 +16,7 @@ import os
 import resource
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +43,11 @@ from .checkpointing import (
     save_pipeline,
 )
 from .data import load_split
+from .distillation import ConsistencyDistillation
 from .errors import TrainingError, UsageError
 from .evaluate import EvaluationSet, load_evaluation_set
 from .hub import push_folder, write_model_card
+from .loading import check_folder
 from .modeling_class_conditioned_unet import ClassConditionedUNet
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
 from .schedulers import set_scheduler
@@ -116,6 +121,56 @@ def diffusion_loss(
     return (per_sample * weights).mean()
 
 
+def denoising_loss(
+    model: torch.nn.Module,
+    clean_images: torch.Tensor,
+    class_labels: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise_scheduler: DDIMScheduler,
+    snr_gamma: float | None,
+) -> torch.Tensor:
+    """Training's objective: noise the images to their timesteps and score the model's prediction."""
+    # forward diffusion process: add noise to the clean images according to each timestep
+    noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+    model_output = model(noisy_images, timesteps, class_labels).sample
+    return diffusion_loss(model_output, clean_images, noise, timesteps, noise_scheduler, snr_gamma)
+
+
+def load_teacher(args: argparse.Namespace, label_names: list[str], device: torch.device) -> ClassConditionedUNet:
+    """The UNet of `--teacher`, frozen, after checking that it knows the dataset's classes."""
+    check_folder(args.teacher)
+    teacher = ClassConditionedUNet.from_pretrained(os.path.join(args.teacher, "unet"), use_safetensors=True)
+    teacher_labels = [teacher.config.id2label[key] for key in sorted(teacher.config.id2label, key=int)]
+    if teacher_labels != label_names:
+        raise UsageError(
+            f"The teacher {args.teacher!r} knows the classes {teacher_labels}, but {args.dataset!r} has "
+            f"{label_names}; distil on the dataset the teacher was trained on (--dataset)."
+        )
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def distillation_objective(
+    args: argparse.Namespace,
+    teacher: ClassConditionedUNet,
+    student: ClassConditionedUNet,
+    ema_model: EMAModel,
+    noise_scheduler: DDIMScheduler,
+) -> Callable[..., torch.Tensor]:
+    """Distillation's objective: the consistency loss against the teacher, with the student's EMA as the target
+    network (its weights live in the EMA, so checkpoints and exact resume need nothing more)."""
+    distillation = ConsistencyDistillation(
+        teacher, noise_scheduler, args.teacher_guidance_scale, args.num_ddim_timesteps, args.huber_c
+    )
+    target_network = copy.deepcopy(student).eval().requires_grad_(False)
+
+    def objective(model, clean_images, class_labels, noise, timesteps):
+        ema_model.copy_to(target_network.parameters())
+        return distillation(model, target_network, clean_images, class_labels, noise, timesteps)
+
+    return objective
+
+
 def build_pipeline(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -147,6 +202,8 @@ def build_pipeline(
         default_guidance_interval=list(args.default_guidance_interval),
     )
     set_scheduler(pipeline, args.default_scheduler)
+    if args.teacher:  # a distilled student samples on the DDIM grid it was distilled on (LCMScheduler's k)
+        pipeline.scheduler.register_to_config(original_inference_steps=args.num_ddim_timesteps)
     return pipeline
 
 
@@ -210,12 +267,16 @@ def train(args: argparse.Namespace) -> None:
             "-1 marks unlabelled rows): every training image needs one of its classes."
         )
     null_class_id = model.null_class_id
+    teacher = None
+    if args.teacher:  # distillation (distill.py): the student starts as a copy of the teacher
+        teacher = load_teacher(args, train_data.label_names, accelerator.device)
+        model.load_state_dict(teacher.state_dict())
     ema_model = None
     if args.use_ema:
         ema_model = EMAModel(
             model.parameters(),
             decay=args.ema_max_decay,
-            use_ema_warmup=True,
+            use_ema_warmup=not args.teacher,  # distillation's target network: a short, constant-decay average
             inv_gamma=args.ema_inv_gamma,
             power=args.ema_power,
             model_cls=ClassConditionedUNet,
@@ -229,6 +290,10 @@ def train(args: argparse.Namespace) -> None:
         prediction_type=args.prediction_type,
         timestep_spacing="leading",  # DDIM's default, written out so the saved config and every sampler keep it
     )
+    if teacher is None:
+        objective = functools.partial(denoising_loss, noise_scheduler=noise_scheduler, snr_gamma=args.snr_gamma)
+    else:
+        objective = distillation_objective(args, teacher, model, ema_model, noise_scheduler)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
     # Found now rather than after hours of training: room for a checkpoint and the final pipeline.
     checkpoint_size, pipeline_size = checkpoint_bytes(model, ema_model), pipeline_bytes(model)
@@ -253,6 +318,8 @@ def train(args: argparse.Namespace) -> None:
     model, optimizer = accelerator.prepare(model, optimizer)
     # What a checkpoint's data position and noise mean; resuming under other values would not continue the run.
     run_state = {"seed": args.seed, "global_batch_size": global_batch_size, "max_train_samples": num_samples}
+    if args.teacher:
+        run_state["teacher"] = os.path.abspath(args.teacher)
 
     # 5. resume: the data position and the noise follow from the global step alone
     checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
@@ -302,12 +369,7 @@ def train(args: argparse.Namespace) -> None:
             with accelerator.accumulate(model):
                 clean_images = global_images[local].float() / 127.5 - 1  # uint8 0..255 -> [-1, 1], as in the seed
                 class_labels = torch.where(draw.dropped[local], null_class_id, global_labels[local])
-                noise, timesteps = draw.noise[local], draw.timesteps[local]
-                # forward diffusion process: add noise to the clean images according to each timestep
-                noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
-
-                model_output = model(noisy_images, timesteps, class_labels).sample
-                loss = diffusion_loss(model_output, clean_images, noise, timesteps, noise_scheduler, args.snr_gamma)
+                loss = objective(model, clean_images, class_labels, draw.noise[local], draw.timesteps[local])
 
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and (args.max_grad_norm or log_this_step):
@@ -422,7 +484,8 @@ def log_banner(
 ) -> None:
     if args.preset:
         logger.info(f"Preset {args.preset!r}; the run's settings: {json.dumps(tracker_config(args))}")
-    logger.info("***** Running training *****")
+    what = f"distillation of {args.teacher}" if args.teacher else "training"
+    logger.info(f"***** Running {what} *****")
     logger.info(f"  Num examples = {num_samples}")
     logger.info(f"  Num epochs = {math.ceil(max_train_steps / steps_per_epoch)}")
     logger.info(f"  Batch size per device = {args.train_batch_size}")

@@ -1,0 +1,119 @@
+"""Consistency distillation of a trained, guided pipeline into a few-step student (`distill.py`).
+
+Latent consistency distillation (Luo et al. 2023, https://huggingface.co/papers/2310.04378; consistency models, Song
+et al. 2023) as diffusers' `examples/consistency_distillation/train_lcm_distill_sd_wds.py` does it, without the
+latent space: the student learns to map any point of the teacher's guided DDIM trajectory straight to the
+trajectory's end, so that diffusers' `LCMScheduler` samples it in 1 to 4 network evaluations, unguided. The guidance
+scale is the teacher's saved default, fixed (the student has no guidance input), so the student's unguided output is
+the teacher's guided one.
+
+One loss evaluation, for a batch of clean images x0 and a DDIM grid of N steps of k = T / N training timesteps:
+1. pick a grid timestep t_n and noise x0 to it;
+2. the student's consistency output f(x_tn, t_n) = c_skip(t_n) x_tn + c_out(t_n) x0_student(x_tn, t_n);
+3. one guided DDIM step of the teacher from t_n to t_n - k gives x_(tn-k);
+4. the target network (an EMA of the student) gives f(x_(tn-k), t_n - k), the target;
+5. pseudo-Huber distance between the two (diffusers' default `huber_c` 0.001).
+"""
+
+import torch
+from diffusers import DDIMScheduler
+
+from .modeling_class_conditioned_unet import ClassConditionedUNet
+
+# LCMScheduler's defaults: the student is sampled with the same boundary scalings it is trained with.
+SIGMA_DATA = 0.5
+TIMESTEP_SCALING = 10.0
+
+
+def boundary_scalings(timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """c_skip and c_out of the consistency function (LCMScheduler.get_scalings_for_boundary_condition_discrete):
+    at timestep 0, c_skip = 1 and c_out = 0, so f(x, 0) = x."""
+    scaled = TIMESTEP_SCALING * timesteps.float()
+    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
+    return c_skip[:, None, None, None], c_out[:, None, None, None]
+
+
+class ConsistencyDistillation:
+    """The consistency-distillation loss of a student against a frozen, guided teacher and a target network."""
+
+    def __init__(
+        self,
+        teacher: ClassConditionedUNet,
+        noise_scheduler: DDIMScheduler,
+        guidance_scale: float,
+        num_ddim_timesteps: int = 50,
+        huber_c: float = 0.001,
+    ):
+        num_train_timesteps = noise_scheduler.config.num_train_timesteps
+        if num_train_timesteps % num_ddim_timesteps:
+            raise ValueError(
+                f"num_ddim_timesteps {num_ddim_timesteps} must divide the {num_train_timesteps} training timesteps."
+            )
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.prediction_type = noise_scheduler.config.prediction_type
+        self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(next(teacher.parameters()).device)
+        self.skip = num_train_timesteps // num_ddim_timesteps  # k: training timesteps per DDIM step
+        self.guidance_scale = guidance_scale
+        self.huber_c = huber_c
+
+    def clean_and_noise(
+        self, model_output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image and noise estimates a model output stands for, given the noisy input at `timesteps`."""
+        alpha = self.alphas_cumprod[timesteps][:, None, None, None]
+        signal, noise_level = alpha.sqrt(), (1 - alpha).sqrt()
+        if self.prediction_type == "epsilon":
+            return (noisy - noise_level * model_output) / signal, model_output
+        if self.prediction_type == "v_prediction":
+            return signal * noisy - noise_level * model_output, signal * model_output + noise_level * noisy
+        raise ValueError(f"Cannot distil a {self.prediction_type!r}-predicting teacher; use epsilon or v_prediction.")
+
+    def consistency_output(
+        self, model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor
+    ) -> torch.Tensor:
+        """f(x_t, t): the model's image estimate, blended with x_t so that f(x, 0) = x."""
+        clean, _ = self.clean_and_noise(model(noisy, timesteps, class_labels).sample.float(), noisy, timesteps)
+        c_skip, c_out = boundary_scalings(timesteps)
+        return c_skip * noisy + c_out * clean
+
+    @torch.no_grad()
+    def teacher_step(
+        self, noisy: torch.Tensor, start: torch.Tensor, end: torch.Tensor, class_labels: torch.Tensor
+    ) -> torch.Tensor:
+        """One guided DDIM step of the teacher from `start` to `end` (both guidance halves in one batch)."""
+        null_labels = torch.full_like(class_labels, self.teacher.null_class_id)
+        noisy_twice, start_twice = torch.cat([noisy, noisy]), torch.cat([start, start])
+        output = self.teacher(noisy_twice, start_twice, torch.cat([class_labels, null_labels])).sample.float()
+        clean, eps = self.clean_and_noise(output, noisy_twice, start_twice)
+        (clean_cond, clean_uncond), (eps_cond, eps_uncond) = clean.chunk(2), eps.chunk(2)
+        clean = clean_uncond + self.guidance_scale * (clean_cond - clean_uncond)
+        eps = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+        alpha_end = self.alphas_cumprod[end][:, None, None, None]
+        return alpha_end.sqrt() * clean + (1 - alpha_end).sqrt() * eps
+
+    def __call__(
+        self,
+        student: torch.nn.Module,
+        target_network: torch.nn.Module,
+        clean_images: torch.Tensor,
+        class_labels: torch.Tensor,
+        noise: torch.Tensor,
+        uniform_timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        """The loss for one batch. `uniform_timesteps` (uniform over the training timesteps, as training draws them)
+        pick the DDIM grid step: t // k is uniform over the N steps."""
+        index = torch.div(uniform_timesteps, self.skip, rounding_mode="floor")
+        start = (index + 1) * self.skip - 1  # the DDIM grid: k - 1, 2k - 1, ..., T - 1 (LCMScheduler's)
+        end = (start - self.skip).clamp(min=0)
+        noisy = self.alphas_cumprod[start].sqrt()[:, None, None, None] * clean_images + (
+            1 - self.alphas_cumprod[start]
+        ).sqrt()[:, None, None, None] * noise
+        prediction = self.consistency_output(student, noisy, start, class_labels)
+
+        with torch.no_grad():
+            previous = self.teacher_step(noisy, start, end, class_labels)
+            target = self.consistency_output(target_network, previous, end, class_labels)
+
+        # pseudo-Huber: like L2 near zero, like L1 for large errors (Song & Dhariwal 2023)
+        return (((prediction - target) ** 2 + self.huber_c**2).sqrt() - self.huber_c).mean()
