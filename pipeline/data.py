@@ -33,16 +33,23 @@ VALIDATION_SPLIT_SEED = 0
 
 @dataclass
 class ImageClassData:
-    """A split as uint8 images (N, 1, H, W), int64 labels and the class names. MNIST's 60,000 training images take
+    """A split as uint8 images (N, C, H, W), int64 labels and the class names. MNIST's 60,000 training images take
     47 MB: `images` is then a tensor. For splits too large for memory it is the decoded, memory-mapped Arrow table,
     and `take` reads just the rows asked for."""
 
-    images: torch.Tensor | datasets.Dataset  # uint8, (N, 1, resolution, resolution), 0..255
+    images: torch.Tensor | datasets.Dataset  # uint8, (N, channels, resolution, resolution), 0..255
     labels: torch.Tensor  # int64, (N,)
     label_names: list[str]  # label_names[class_id] is the dataset's name for that class
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of every image."""
+        if self.in_memory:
+            return tuple(self.images.shape[1:])
+        return tuple(self.images.features["pixels"].shape)
 
     @property
     def in_memory(self) -> bool:
