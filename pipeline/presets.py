@@ -3,6 +3,37 @@
 Every value was chosen by measurement; bench/quality.py reproduces the rows in README's quality table.
 """
 
+# `quick`, made for a 2-core CPU (15 minutes): 2,000 steps of 64 images. A fifth of the seed's width, self-attention
+# kept at 14x14 and 7x7 (attention at 7x7 only trains 1.4x faster per image but samples far worse: row
+# quick-attention-7x7-batch-128) with one head per layer (1.39x more images/s than 4 heads of 8, spent on 2,000 steps
+# instead of 1,500: 99.0 % against 98.3 % at the same FID, row quick-head-dim-32-2000-steps), the class also fed
+# through the timestep embedding, a cosine noise schedule (the seed's linear one leaves a bright haze at this training
+# length) with min-SNR-5 weighting, v-prediction (98.3 % / FID 39.8 against epsilon's 96.5 % / 51.3 on the validation
+# reference: row quick-v-prediction), class dropout for guidance, EMA, and DPM-Solver++ at 20 steps with guidance 2 on
+# every step saved as the sampling default (lower guidance or a guidance interval trade accuracy for FID: row
+# quick-v-prediction-sampling). Measured: README "Quality".
+QUICK: dict = {
+    "block_out_channels": [16, 32, 32],
+    "norm_num_groups": 8,
+    "layers_per_block": 1,
+    "attention_head_dim": 32,
+    "time_class_embedding": True,
+    "train_batch_size": 64,
+    "max_train_steps": 2000,
+    "learning_rate": 2e-3,
+    "lr_scheduler": "cosine",
+    "lr_warmup_steps": 100,
+    "use_ema": True,
+    "ema_power": 2 / 3,
+    "class_dropout_prob": 0.1,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "v_prediction",
+    "snr_gamma": 5.0,
+    "default_scheduler": "dpm++",
+    "default_num_inference_steps": 20,
+    "default_guidance_scale": 2.0,
+}
+
 PRESETS: dict[str, dict] = {
     # The seed notebook's recipe exactly (these are also the script's plain defaults): the reproducible baseline.
     "seed": {
@@ -27,61 +58,19 @@ PRESETS: dict[str, dict] = {
         "default_num_inference_steps": 50,
         "default_guidance_scale": 1.0,
     },
-    # Made for a 2-core CPU: 2,000 steps of 64 images. A fifth of the seed's width, self-attention kept at 14x14 and
-    # 7x7 (attention at 7x7 only trains 1.4x faster per image but samples far worse: row quick-attention-7x7-batch-128)
-    # with one head per layer (1.39x more images/s than 4 heads of 8, spent on 2,000 steps instead of 1,500: 99.0 %
-    # against 98.3 % at the same FID, row quick-head-dim-32-2000-steps), the class also fed through the timestep
-    # embedding, a cosine noise schedule (the seed's linear one leaves a bright haze at this training length) with
-    # min-SNR-5 weighting, v-prediction (98.3 % / FID 39.8 against epsilon's 96.5 % / 51.3 on the validation
-    # reference: row quick-v-prediction), class dropout for guidance, EMA, and DPM-Solver++ at 20 steps with guidance
-    # 2 on every step saved as the sampling default (lower guidance or a guidance interval trade accuracy for FID: row
-    # quick-v-prediction-sampling). Measured: README "Quality".
-    "quick": {
-        "block_out_channels": [16, 32, 32],
-        "norm_num_groups": 8,
-        "layers_per_block": 1,
-        "attention_head_dim": 32,
-        "time_class_embedding": True,
-        "train_batch_size": 64,
-        "max_train_steps": 2000,
-        "learning_rate": 2e-3,
-        "lr_scheduler": "cosine",
-        "lr_warmup_steps": 100,
-        "use_ema": True,
-        "ema_power": 2 / 3,
-        "class_dropout_prob": 0.1,
-        "beta_schedule": "squaredcos_cap_v2",
-        "prediction_type": "v_prediction",
-        "snr_gamma": 5.0,
-        "default_scheduler": "dpm++",
-        "default_num_inference_steps": 20,
-        "default_guidance_scale": 2.0,
-    },
+    # 15 minutes on a 2-core CPU: QUICK above.
+    "quick": QUICK,
     # An hour on a 2-core CPU: quick's recipe on a wider network (24, 48, 48 channels; one attention head per layer),
     # 4,000 steps of 64 images (4.3 epochs). The width costs 1.43x per image (bench/train_throughput.py rows
     # width-24-48-48-head-dim-48 and quick-attention-head-dim-32); the hour buys it twice quick's steps, sized to stay
     # under 60 minutes in this machine's slow hours (85 images/s; 4,500 steps would have taken 60).
     # Measured: README "Quality", row cpu-hour.
     "cpu-hour": {
+        **QUICK,
         "block_out_channels": [24, 48, 48],
-        "norm_num_groups": 8,
-        "layers_per_block": 1,
         "attention_head_dim": 48,
-        "time_class_embedding": True,
-        "train_batch_size": 64,
         "max_train_steps": 4000,
-        "learning_rate": 2e-3,
-        "lr_scheduler": "cosine",
         "lr_warmup_steps": 200,
-        "use_ema": True,
-        "ema_power": 2 / 3,
-        "class_dropout_prob": 0.1,
-        "beta_schedule": "squaredcos_cap_v2",
-        "prediction_type": "v_prediction",
-        "snr_gamma": 5.0,
-        "default_scheduler": "dpm++",
-        "default_num_inference_steps": 20,
-        "default_guidance_scale": 2.0,
     },
     # A couple of minutes on 2 CPU cores, to show that a set-up learns, not to make good digits: a two-level model
     # without attention (16, 32 channels), the class also in the timestep embedding, v-prediction (in a few tries
