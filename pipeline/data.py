@@ -31,6 +31,18 @@ VALIDATION_FRACTION = 1 / 6  # MNIST: 50,000 fit and 10,000 validation images
 VALIDATION_SPLIT_SEED = 0
 
 
+@dataclass(frozen=True)
+class DataFormat:
+    """How a dataset is read: its image and label columns, and the size its images are used at (None: their own)."""
+
+    image_column: str = IMAGE_COLUMN
+    label_column: str = LABEL_COLUMN
+    resolution: int | None = None
+
+
+DEFAULT_FORMAT = DataFormat()  # `image` and `label` columns at the images' own size: MNIST's layout
+
+
 @dataclass
 class ImageClassData:
     """A split as uint8 images (N, C, H, W), int64 labels and the class names. MNIST's 60,000 training images take

@@ -72,6 +72,7 @@ Dataset: {dataset}. {training_line}
 """
 
 CONFIG_KEYS = [
+    "image_column", "label_column", "resolution",
     "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps",
     "num_epochs", "max_train_steps", "use_ema", "class_dropout_prob", "num_train_timesteps", "beta_schedule",
     "prediction_type", "snr_gamma", "block_out_channels", "layers_per_block", "down_block_types", "class_emb_size",
@@ -87,7 +88,8 @@ def write_model_card(output_dir: str, config: dict, summary: dict, id2label: dic
     metadata = ModelCardData(
         library_name="diffusers",
         license="apache-2.0",
-        tags=["diffusers", "class-conditional", "image-generation", "mnist", "pytorch"]
+        tags=["diffusers", "class-conditional", "image-generation", "pytorch"]
+        + (["mnist"] if "mnist" in dataset.lower() else [])
         + (["ddim"] if scheduler == "DDIMScheduler" else []),
         datasets=[dataset] if is_hub_dataset else None,
     )
@@ -99,11 +101,11 @@ def write_model_card(output_dir: str, config: dict, summary: dict, id2label: dic
         metrics_text = (
             f"On {metrics['images_per_label']} images per class ({metrics['num_inference_steps']} "
             f"{metrics['scheduler']} steps, guidance scale {metrics['guidance_scale']}, one sampling seed), judged "
-            f"by an MNIST classifier against the {metrics.get('reference', 'validation')} reference (real digits "
+            f"by the evaluation classifier against the {metrics.get('reference', 'validation')} reference (real images "
             "held out from the classifier; see the project's README, \"Evaluation\"):\n\n"
             "| conditional accuracy | classifier FID | real-data FID floor |\n| --- | --- | --- |\n"
             f"| {metrics['cond_accuracy']:.4f} | {metrics['fid']:.2f} | {metrics['fid_real_floor']:.2f} |\n\n"
-            "The floor is the FID of as many real held-out digits with the same labels: the best score at this "
+            "The floor is the FID of as many real held-out images with the same labels: the best score at this "
             "sample size. These are the quick figures logged during training; for reportable ones (test reference, "
             "three seeds) run `python -m pipeline.evaluate --model THIS_FOLDER --seeds 0 1 2`."
         )
@@ -117,7 +119,7 @@ def write_model_card(output_dir: str, config: dict, summary: dict, id2label: dic
         classes=", ".join(f"{class_id} = {name!r}" for class_id, name in id2label.items()),
         dataset=f"[{dataset}](https://huggingface.co/datasets/{dataset})"
         if is_hub_dataset
-        else f"the local folder `{local_dataset_name(dataset)}` (the `ylecun/mnist` layout)",
+        else f"the local folder `{local_dataset_name(dataset)}`",
         training_line=f"{summary['global_step']} optimizer steps of {summary['global_batch_size']} images on "
         f"{summary['num_processes']} {summary['device']} process(es), "
         f"{summary.get('total_train_time_s', summary['wall_time_s']) / 60:.1f} minutes.",

@@ -39,7 +39,7 @@ from .checkpointing import (
     save_checkpoint,
     save_pipeline,
 )
-from .data import ImageClassData, load_split
+from .data import DataFormat, ImageClassData, load_split
 from .errors import TrainingError, UsageError
 from .evaluate import EvaluationSet, load_evaluation_set
 from .hub import push_folder, write_model_card
@@ -207,6 +207,7 @@ def train(args: argparse.Namespace) -> None:
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others reuse it
         train_data = load_split(args.dataset, "train", args.resolution, in_memory=False if args.lazy_data else None,
                                 image_column=args.image_column, label_column=args.label_column)  # fmt: skip
+    args.resolution = train_data.image_shape[1]  # the data's own size unless --resolution: the config records it
     num_samples = min(len(train_data), args.max_train_samples or len(train_data))
     if train_data.in_memory:
         images_on_device = train_data.images[:num_samples].to(accelerator.device)
@@ -410,8 +411,9 @@ def load_validation_evaluation(accelerator: Accelerator, args: argparse.Namespac
     """
     evaluation = None
     if accelerator.is_main_process and args.validation_images_per_label:
+        data_format = DataFormat(args.image_column, args.label_column, args.resolution)
         evaluation = load_evaluation_set(
-            args.dataset, "validation", args.classifier_cache_dir, args.classifier_train_samples
+            args.dataset, "validation", args.classifier_cache_dir, args.classifier_train_samples, data_format
         )
         smallest_class = int(evaluation.floor_pool.labels.bincount().min())
         if args.validation_images_per_label > smallest_class:  # found now, not after training
