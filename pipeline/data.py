@@ -178,10 +178,13 @@ def image_format(
     """
 
     def header(batch: dict) -> dict:
-        images = [Image.open(io.BytesIO(item["bytes"])) if item["bytes"] else Image.open(item["path"])
-                  for item in batch[image_column]]  # fmt: skip
-        return {"colour": [len(image.getbands()) >= 3 or image.mode == "P" for image in images],
-                "size": [list(image.size) for image in images]}  # fmt: skip
+        colour, size = [], []
+        for item in batch[image_column]:
+            # closed at once: an image folder holds paths, and thousands of open files exceed the system's limit
+            with Image.open(io.BytesIO(item["bytes"]) if item["bytes"] else item["path"]) as image:
+                colour.append(len(image.getbands()) >= 3 or image.mode == "P")
+                size.append(list(image.size))
+        return {"colour": colour, "size": size}
 
     headers = data.cast_column(image_column, datasets.Image(decode=False)).map(
         header, batched=True, batch_size=2000, remove_columns=data.column_names, desc="Reading image headers"

@@ -24,7 +24,7 @@ import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from .classifier import MNISTClassifier, accuracy, fit_classifier, load_fit_and_validation, load_or_train_classifier
-from .data import DEFAULT_FORMAT, DataFormat, ImageClassData, load_split
+from .data import DEFAULT_FORMAT, IMAGE_COLUMN, LABEL_COLUMN, DataFormat, ImageClassData, load_split
 from .errors import UsageError
 from .loading import load_pipeline
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
@@ -219,8 +219,8 @@ def evaluate(
     cas_images_per_label: int | None = None,
     classifier_cache_dir: str | None = None,
     classifier_train_samples: int | None = None,
-    image_column: str = "image",
-    label_column: str = "label",
+    image_column: str = IMAGE_COLUMN,
+    label_column: str = LABEL_COLUMN,
 ) -> dict:
     """Sample `num_images_per_label` images of every class with `pipe` for each seed and score them against
     `reference` (see `score_images`); with `cas_images_per_label`, also the classification accuracy score. The real
@@ -229,6 +229,12 @@ def evaluate(
     evaluation_set = load_evaluation_set(
         dataset, reference, classifier_cache_dir, classifier_train_samples, data_format
     )
+    if evaluation_set.fit.image_shape[0] != pipe.unet.config.in_channels:
+        raise UsageError(
+            f"The model makes {pipe.unet.config.in_channels}-channel images but {dataset!r} (column "
+            f"{image_column!r}) holds {evaluation_set.fit.image_shape[0]}-channel ones; evaluate against the dataset "
+            "the model was trained on (--dataset, --image_column, --label_column)."
+        )
     sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                 "guidance_interval": guidance_interval}  # fmt: skip
     per_seed = []

@@ -31,7 +31,7 @@ With this project's `pipeline` package installed (`pip install -e .` in the proj
 from pipeline import ClassConditionedDDIMPipeline
 
 pipe = ClassConditionedDDIMPipeline.from_pretrained("{repo}")
-images = pipe(class_labels=[3, 7], num_images_per_label=4).images  # PIL images: four 3s, then four 7s
+images = pipe(class_labels=[{first}, {second}], num_images_per_label=4).images  # 4 of class {first}, then 4 of {second}
 ```
 
 With diffusers alone: this folder carries the pipeline and model code, so no package is needed. It runs that code,
@@ -41,17 +41,17 @@ so pass `trust_remote_code=True` only for folders you trust:
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained("{repo}", trust_remote_code=True)
-images = pipe(class_labels=[3, 7]).images
+images = pipe(class_labels=[{first}, {second}]).images
 ```
 
-From the command line: `python sample.py --model {repo} --class_labels 3 7 --output grid.png`.
+From the command line: `python sample.py --model {repo} --class_labels {first} {second} --output grid.png`.
 
 Classes: {classes}.
 
 ## Demo
 
 In the project's repository, `pip install -e ".[demo]" && python app.py --model {repo}` serves a page on
-http://127.0.0.1:7860: pick digits (or type `2026`), watch them being denoised, download the grid.
+http://127.0.0.1:7860: pick classes, watch them being denoised, download the grid.
 
 As a Hugging Face Space: create a Space with the Gradio SDK holding the project's `app.py` and `pipeline/` folder
 and a `requirements.txt` with `torch`, `torchvision`, `diffusers` and `safetensors`, then set the Space variable
@@ -117,6 +117,9 @@ def write_model_card(output_dir: str, config: dict, summary: dict, id2label: dic
         scheduler=scheduler,
         repo=config.get("hub_model_id") or "PATH_TO_THIS_FOLDER",
         classes=", ".join(f"{class_id} = {name!r}" for class_id, name in id2label.items()),
+        # the examples ask for two of this model's classes (3 and 7 for digits), by id
+        first=3 if len(id2label) > 7 else 0,
+        second=7 if len(id2label) > 7 else 1,
         dataset=f"[{dataset}](https://huggingface.co/datasets/{dataset})"
         if is_hub_dataset
         else f"the local folder `{local_dataset_name(dataset)}`",
