@@ -60,7 +60,7 @@ def cifar_layout(tmp_path_factory) -> Path:
 def test_cifar_layout_reads_as_colour_at_its_own_size(cifar_layout):
     data = load_split(str(cifar_layout), "train", image_column="img")
     assert data.images.shape == (48, 3, 32, 32) and data.label_names == ["airplane", "cat"]
-    first = np.asarray(coloured_images(24, COLOURS["airplane"])[0]).transpose(2, 0, 1)
+    first = np.array(coloured_images(24, COLOURS["airplane"])[0]).transpose(2, 0, 1)
     assert torch.equal(data.images[0], torch.from_numpy(first))  # channels in order, no grey conversion
 
 
