@@ -108,6 +108,8 @@ def build_demo(pipe: DiffusionPipeline, model: str) -> gr.Blocks:
     saved_scheduler = pipe.scheduler
     default_scheduler = next((name for name, cls in SCHEDULERS.items() if isinstance(saved_scheduler, cls)), "ddim")
     guided = bool(pipe.unet.config.class_dropout_prob)
+    # the first input: a year for digits; for other classes (Fashion-MNIST, CIFAR-10), the first two names
+    example = "2026" if {"0", "2", "6"} <= set(labels) else ", ".join(list(labels)[:2])
     output_dir = tempfile.mkdtemp(prefix="digits-demo-")
 
     def generate(
@@ -178,13 +180,13 @@ def build_demo(pipe: DiffusionPipeline, model: str) -> gr.Blocks:
     # delete_cache: Gradio's copies of the grids older than a day are removed once a day.
     with gr.Blocks(title="Class-conditioned diffusion", analytics_enabled=False, delete_cache=(86400, 86400)) as demo:
         gr.Markdown(
-            f"# Class-conditioned diffusion\nModel: `{model}`. Pick digits or type a string such as `2026`: one row "
-            "per digit, repeats allowed. On a CPU, fewer steps (e.g. 20 with `dpm++`) are much quicker."
+            f"# Class-conditioned diffusion\nModel: `{model}`. Pick classes or type them, such as `{example}`: one "
+            "row per class, repeats allowed. On a CPU, fewer steps (e.g. 20 with `dpm++`) are much quicker."
         )
         with gr.Row():
             with gr.Column(scale=1):
                 picked = gr.CheckboxGroup(list(labels), label="Pick digits")
-                digits = gr.Textbox("2026", label="Digits (one grid row each)", max_lines=1, elem_id="digits")
+                digits = gr.Textbox(example, label="Digits (one grid row each)", max_lines=1, elem_id="digits")
                 per_digit = gr.Slider(
                     1, MAX_IMAGES_PER_DIGIT, value=8, step=1, label="Images per digit", elem_id="per-digit"
                 )

@@ -72,9 +72,11 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
     data.add_argument(
         "--dataset",
         default=DEFAULT_DATASET,
-        help="Hub dataset id (e.g. ylecun/mnist) or a local folder in that layout, with `image` and "
-        "`label` columns. Default: the copy of MNIST in this repository's data/mnist.",
+        help="Hub dataset id (e.g. ylecun/mnist, uoft-cs/cifar10), a local folder in that layout, or a folder of one "
+        "subfolder of images per class. Default: the copy of MNIST in this repository's data/mnist.",
     )
+    data.add_argument("--image_column", default="image", help="The dataset's column of images (cifar10: img).")
+    data.add_argument("--label_column", default="label", help="The dataset's column of class ids.")
     data.add_argument(
         "--max_train_samples",
         type=positive_int,
@@ -90,8 +92,8 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
     data.add_argument(
         "--resolution",
         type=positive_int,
-        default=28,
-        help="Image size; images of another size are resized with a notice.",
+        default=None,
+        help="Train at N x N pixels, resizing the images (default: their own size, when they all share one).",
     )
 
     model = parser.add_argument_group("model (feeds ClassConditionedUNet's config)")

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import ImageClassData, fit_validation_indices, load_image_class_dataset, load_split
+from .data import (
+    DEFAULT_FORMAT,
+    IMAGE_COLUMN,
+    LABEL_COLUMN,
+    DataFormat,
+    ImageClassData,
+    fit_validation_indices,
+    load_image_class_dataset,
+    load_split,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,21 +38,24 @@ TRAIN_BATCH_SIZE = 128
 
 
 class MNISTClassifier(nn.Module):
-    """Two conv blocks and a 128-wide hidden layer: ~99.3% test accuracy on MNIST; its 128 features feed FID."""
+    """Two conv blocks and a 128-wide hidden layer: ~99.3% test accuracy on MNIST; its 128 features feed FID. The
+    same recipe serves other datasets: `in_channels` and `resolution` follow their images."""
 
     num_features = 128  # read by torchmetrics' FID for a custom feature extractor
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, resolution: int = 28):
         super().__init__()
+        pooled = resolution // 2 // 2  # the size after the two 2x2 max-pools
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 7 * 7, self.num_features), nn.ReLU(),
+            nn.Flatten(), nn.Linear(64 * pooled * pooled, self.num_features), nn.ReLU(),
         )  # fmt: skip
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(self.num_features, num_classes))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Penultimate features of images in [0, 1], shape (N, 1, 28, 28) -> (N, 128)."""
+        """Penultimate features of images in [0, 1], shape (N, C, H, W) -> (N, 128)."""
         return self.features((images - 0.1307) / 0.3081)  # MNIST's pixel mean and std
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
@@ -59,7 +72,8 @@ def fit_classifier(
     """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # initial weights and dropout
-    classifier = MNISTClassifier(num_classes=len(train.label_names))
+    channels, resolution, _ = train.image_shape
+    classifier = MNISTClassifier(num_classes=len(train.label_names), in_channels=channels, resolution=resolution)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
     lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=num_steps)
     batch_size = min(batch_size, len(train))
@@ -91,9 +105,11 @@ def accuracy(classifier: MNISTClassifier, data: ImageClassData, batch_size: int 
     return correct / len(data)
 
 
-def load_fit_and_validation(dataset: str) -> tuple[ImageClassData, ImageClassData, dict]:
+def load_fit_and_validation(
+    dataset: str, data_format: DataFormat = DEFAULT_FORMAT
+) -> tuple[ImageClassData, ImageClassData, dict]:
     """The train split of `dataset` cut into its *fit* and *validation* parts, and the record of the cut."""
-    train = load_split(dataset, "train")
+    train = load_split(dataset, "train", **asdict(data_format))
     fit_indices, validation_indices, split = fit_validation_indices(train.labels)
     return train.select(fit_indices), train.select(validation_indices), split
 
@@ -105,19 +121,26 @@ def load_or_train_classifier(
     seed: int = 0,
     max_train_samples: int | None = None,
     fit_and_validation: tuple[ImageClassData, ImageClassData, dict] | None = None,
+    data_format: DataFormat = DEFAULT_FORMAT,
 ) -> tuple[MNISTClassifier, dict]:
     """The cached classifier for `dataset` (training and caching it on first use) and its record.
 
-    `fit_and_validation` is `load_fit_and_validation(dataset)`'s result when the caller already has it.
+    `fit_and_validation` is `load_fit_and_validation(dataset, data_format)`'s result when the caller already has it.
 
     It learns from the *fit* part of the train split only (the first `max_train_samples` of it, for tests), so that
     the validation part and the test split are digits it never saw. The record holds its validation and test
     accuracy, measured once after training, and the split. The cache key combines the train split's `datasets`
     fingerprint, the split and the training settings, so another dataset, cut or recipe never reuses stale weights.
     """
-    fingerprint = load_image_class_dataset(dataset)["train"]._fingerprint
-    fit, validation, split = fit_and_validation or load_fit_and_validation(dataset)
+    dataset_dict = load_image_class_dataset(dataset, data_format.image_column, data_format.label_column)
+    fingerprint = dataset_dict["train"]._fingerprint
+    fit, validation, split = fit_and_validation or load_fit_and_validation(dataset, data_format)
     settings = {"version": CLASSIFIER_VERSION, "epochs": epochs, "seed": seed, "max_train_samples": max_train_samples}
+    columns = [data_format.image_column, data_format.label_column]
+    if columns != [IMAGE_COLUMN, LABEL_COLUMN] or fit.image_shape != (1, 28, 28):
+        # Other columns, another size or channel count make another classifier; MNIST's keys stay as they were, so
+        # the caches already made keep serving it.
+        settings.update(columns=columns, image_shape=list(fit.image_shape))
     key = hashlib.sha256(json.dumps([fingerprint, split, settings], sort_keys=True).encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir or DEFAULT_CACHE_DIR, f"classifier-{key}")
     weights_path, record_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "record.json")
@@ -125,7 +148,8 @@ def load_or_train_classifier(
     if os.path.exists(record_path):
         with open(record_path) as file:
             record = json.load(file)
-        classifier = MNISTClassifier(num_classes=record["num_classes"])
+        channels, resolution, _ = record.get("image_shape", [1, 28, 28])
+        classifier = MNISTClassifier(num_classes=record["num_classes"], in_channels=channels, resolution=resolution)
         classifier.load_state_dict(load_file(weights_path))
         return classifier.eval(), record
 
@@ -138,7 +162,7 @@ def load_or_train_classifier(
     )
     classifier = fit_classifier(fit, num_steps, seed=seed, description="Evaluation classifier (once)")
     record = {
-        "test_accuracy": accuracy(classifier, load_split(dataset, "test")),
+        "test_accuracy": accuracy(classifier, load_split(dataset, "test", **asdict(data_format))),
         "validation_accuracy": accuracy(classifier, validation),
         "num_classes": len(fit.label_names),
         "num_fit_images": len(fit),

@@ -7,6 +7,7 @@ from it on demand, with the same order, results and exact resume.
 """
 
 import hashlib
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 import torch
+from PIL import Image
 
 from .errors import UsageError
 
@@ -29,18 +31,37 @@ VALIDATION_FRACTION = 1 / 6  # MNIST: 50,000 fit and 10,000 validation images
 VALIDATION_SPLIT_SEED = 0
 
 
+@dataclass(frozen=True)
+class DataFormat:
+    """How a dataset is read: its image and label columns, and the size its images are used at (None: their own)."""
+
+    image_column: str = IMAGE_COLUMN
+    label_column: str = LABEL_COLUMN
+    resolution: int | None = None
+
+
+DEFAULT_FORMAT = DataFormat()  # `image` and `label` columns at the images' own size: MNIST's layout
+
+
 @dataclass
 class ImageClassData:
-    """A split as uint8 images (N, 1, H, W), int64 labels and the class names. MNIST's 60,000 training images take
+    """A split as uint8 images (N, C, H, W), int64 labels and the class names. MNIST's 60,000 training images take
     47 MB: `images` is then a tensor. For splits too large for memory it is the decoded, memory-mapped Arrow table,
     and `take` reads just the rows asked for."""
 
-    images: torch.Tensor | datasets.Dataset  # uint8, (N, 1, resolution, resolution), 0..255
+    images: torch.Tensor | datasets.Dataset  # uint8, (N, channels, resolution, resolution), 0..255
     labels: torch.Tensor  # int64, (N,)
     label_names: list[str]  # label_names[class_id] is the dataset's name for that class
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of every image."""
+        if self.in_memory:
+            return tuple(self.images.shape[1:])
+        return tuple(self.images.features["pixels"].shape)
 
     @property
     def in_memory(self) -> bool:
@@ -86,11 +107,14 @@ def fit_validation_indices(
     return fit, validation, record
 
 
-def load_image_class_dataset(dataset: str) -> datasets.DatasetDict:
-    """Load `dataset` (a Hub id or a local folder) and check it has `image` and `label` columns.
+def load_image_class_dataset(
+    dataset: str, image_column: str = IMAGE_COLUMN, label_column: str = LABEL_COLUMN
+) -> datasets.DatasetDict:
+    """Load `dataset` (a Hub id, a local folder in the `ylecun/mnist` layout, or an `imagefolder` of one subfolder per
+    class) and check its image and label columns.
 
-    Raises [`UsageError`] naming the problem and the fix when the folder is missing, the Hub is unreachable or the
-    columns are wrong.
+    Raises [`UsageError`] naming the problem and the fix when the folder is missing, the Hub is unreachable, a column
+    is missing or of the wrong type, or there is only one class.
     """
     # A Hub id is `name` or `namespace/name`; anything else that is not an existing folder is a mistyped path.
     looks_like_path = (
@@ -98,38 +122,90 @@ def load_image_class_dataset(dataset: str) -> datasets.DatasetDict:
     )
     if os.path.isfile(os.path.expanduser(dataset)):
         raise UsageError(
-            f"--dataset {dataset!r} is a file; pass the folder that holds the dataset (the `ylecun/mnist` layout: "
-            "mnist/train-*.parquet and mnist/test-*.parquet, like data/mnist) or a Hub dataset id."
+            f"--dataset {dataset!r} is a file; pass the folder that holds the dataset (parquet files in the "
+            "`ylecun/mnist` layout like data/mnist, or one subfolder of images per class) or a Hub dataset id."
         )
     if looks_like_path and not os.path.isdir(os.path.expanduser(dataset)):
         raise UsageError(
-            f"Dataset folder {dataset!r} does not exist. Pass a folder in the `ylecun/mnist` layout "
-            "(like data/mnist) or a Hub dataset id."
+            f"Dataset folder {dataset!r} does not exist. Pass a folder in the `ylecun/mnist` layout (like data/mnist), "
+            "a folder of one subfolder of images per class, or a Hub dataset id."
         )
     try:
         dataset_dict = datasets.load_dataset(os.path.expanduser(dataset))
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
         raise UsageError(
             f"Could not load dataset {dataset!r}: {error}. Pass a local folder in the `ylecun/mnist` "
-            "layout (parquet files with `image` and `label` columns), or a Hub id on a machine that "
-            "can reach the Hub."
+            "layout (parquet files with `image` and `label` columns) or of one subfolder of images per class, or a "
+            "Hub id on a machine that can reach the Hub."
         ) from error
     for split_name, split in dataset_dict.items():
-        missing = [column for column in (IMAGE_COLUMN, LABEL_COLUMN) if column not in split.column_names]
+        missing = [column for column in (image_column, label_column) if column not in split.column_names]
         if missing:
             raise UsageError(
                 f"Dataset {dataset!r} split {split_name!r} has columns {split.column_names} but lacks "
-                f"{missing}; it needs an `image` column of images and a `label` column of class ids."
+                f"{missing}; name its image and label columns with --image_column and --label_column."
             )
+        if not isinstance(split.features[image_column], datasets.Image):
+            raise UsageError(
+                f"Column {image_column!r} of dataset {dataset!r} holds {split.features[image_column]}, not images; "
+                "name the image column with --image_column."
+            )
+        label_feature = split.features[label_column]
+        if not (isinstance(label_feature, datasets.ClassLabel) or (
+                isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("int", "uint")))):
+            raise UsageError(
+                f"Column {label_column!r} of dataset {dataset!r} holds {label_feature}, not class ids; the labels "
+                "must be integers or a ClassLabel (name the right column with --label_column)."
+            )  # fmt: skip
     return dataset_dict
 
 
-def label_names_of(split: datasets.Dataset) -> list[str]:
-    """Class names from the `label` column's `ClassLabel` feature, or the ids as strings for a plain int column."""
-    feature = split.features[LABEL_COLUMN]
+def label_names_of(split: datasets.Dataset, label_column: str = LABEL_COLUMN) -> list[str]:
+    """Class names from the label column's `ClassLabel` feature, or the ids as strings for a plain int column."""
+    feature = split.features[label_column]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
-    return [str(class_id) for class_id in range(max(split[LABEL_COLUMN]) + 1)]
+    return [str(class_id) for class_id in range(max(split[label_column]) + 1)]
+
+
+def image_format(
+    data: datasets.Dataset, dataset: str, image_column: str = IMAGE_COLUMN, resolution: int | None = None
+) -> tuple[str, int]:
+    """The PIL mode ("L" or "RGB") and the size the images are trained at.
+
+    The mode is the majority's (grayscale or colour; a mix is converted, with a notice); the size is `resolution`, or
+    the images' own when they all share one. Only the image headers are read, once per dataset (cached by `datasets`).
+    """
+
+    def header(batch: dict) -> dict:
+        colour, size = [], []
+        for item in batch[image_column]:
+            # closed at once: an image folder holds paths, and thousands of open files exceed the system's limit
+            with Image.open(io.BytesIO(item["bytes"]) if item["bytes"] else item["path"]) as image:
+                colour.append(len(image.getbands()) >= 3 or image.mode == "P")
+                size.append(list(image.size))
+        return {"colour": colour, "size": size}
+
+    headers = data.cast_column(image_column, datasets.Image(decode=False)).map(
+        header, batched=True, batch_size=2000, remove_columns=data.column_names, desc="Reading image headers"
+    )
+    colour = sum(headers["colour"])
+    mode = "RGB" if colour * 2 > len(headers) else "L"
+    if 0 < colour < len(headers):
+        logger.warning(
+            f"Dataset {dataset!r} mixes {colour} colour and {len(headers) - colour} grayscale images; converting "
+            f"them all to {mode}, the majority."
+        )
+    if resolution is None:
+        sizes = {tuple(size) for size in headers["size"]}
+        if len(sizes) > 1 or next(iter(sizes))[0] != next(iter(sizes))[1]:
+            shown = ", ".join(f"{width}x{height}" for width, height in sorted(sizes)[:5])
+            raise UsageError(
+                f"Dataset {dataset!r} holds images of {len(sizes)} sizes ({shown}{', ...' if len(sizes) > 5 else ''}) "
+                "or non-square ones; pass --resolution N to resize them all to N x N."
+            )
+        resolution = next(iter(sizes))[0]
+    return mode, resolution
 
 
 def fits_in_memory(num_bytes: int) -> bool:
@@ -139,74 +215,90 @@ def fits_in_memory(num_bytes: int) -> bool:
 
 
 def load_split(
-    dataset: str, split: str = "train", resolution: int = 28, in_memory: bool | None = None
+    dataset: str,
+    split: str = "train",
+    resolution: int | None = None,
+    in_memory: bool | None = None,
+    image_column: str = IMAGE_COLUMN,
+    label_column: str = LABEL_COLUMN,
 ) -> ImageClassData:
-    """Decode one split into uint8 images and int64 labels.
+    """Decode one split into uint8 images (N, C, H, W) and int64 labels.
 
     Decoding runs once through `Dataset.map`, whose result `datasets` caches on disk under the dataset's fingerprint:
     later runs load the cached arrays (~0.2 s for MNIST's train split) instead of decoding 60,000 PNGs (~4 s).
-    Images of another mode or size are converted to grayscale and resized to `resolution`, with a logged notice.
+    Every split is decoded in the train split's format (`image_format`): grayscale or RGB, resized to `resolution`.
 
     Args:
         dataset (`str`):
-            A Hub dataset id (`ylecun/mnist`) or a local folder in that layout.
+            A Hub dataset id (`ylecun/mnist`), a local folder in that layout, or a folder of one subfolder of images
+            per class (`imagefolder`).
         split (`str`, *optional*, defaults to `"train"`):
             Which split to load.
-        resolution (`int`, *optional*, defaults to 28):
-            Height and width of the returned images.
+        resolution (`int`, *optional*):
+            Height and width of the returned images; by default the images' own size, when they all share one.
         in_memory (`bool`, *optional*):
             Hold the images in memory (`True`) or read them from the memory-mapped cache per batch (`False`). By
             default: in memory when the decoded split takes at most half of the memory available, with a notice
             otherwise.
+        image_column (`str`, *optional*, defaults to `"image"`):
+            The column of images (`img` in `uoft-cs/cifar10`).
+        label_column (`str`, *optional*, defaults to `"label"`):
+            The column of class ids (integers or a `ClassLabel`).
 
     Returns:
         [`ImageClassData`]: images, labels and the label names.
     """
-    dataset_dict = load_image_class_dataset(dataset)
+    dataset_dict = load_image_class_dataset(dataset, image_column, label_column)
     if split not in dataset_dict:
         raise UsageError(f"Dataset {dataset!r} has no split {split!r}; it has {list(dataset_dict)}.")
     data = dataset_dict[split]
     if len(data) == 0:
         raise UsageError(f"Split {split!r} of dataset {dataset!r} is empty.")
-
-    first_image = data[0][IMAGE_COLUMN]
-    if first_image.mode != "L" or first_image.size != (resolution, resolution):
-        logger.warning(
-            f"Dataset {dataset!r} holds {first_image.mode} images of {first_image.size[0]}x"
-            f"{first_image.size[1]}; converting them to grayscale {resolution}x{resolution}."
+    label_names = label_names_of(data, label_column)
+    if len(label_names) < 2:
+        raise UsageError(
+            f"Dataset {dataset!r} has {len(label_names)} class ({label_names}); a class-conditioned model needs at "
+            "least two."
         )
+    mode, resolution = image_format(dataset_dict.get("train", data), dataset, image_column, resolution)
+    channels = len(mode)  # "L": 1, "RGB": 3
 
     def to_pixels(batch: dict) -> dict:
         pixels = []
-        for image in batch[IMAGE_COLUMN]:
-            image = image.convert("L")
+        for image in batch[image_column]:
+            image = image.convert(mode)
             if image.size != (resolution, resolution):
                 image = image.resize((resolution, resolution))
-            pixels.append(np.asarray(image, dtype=np.uint8)[None])
+            array = np.asarray(image, dtype=np.uint8)
+            pixels.append(array[None] if channels == 1 else array.transpose(2, 0, 1))
         return {"pixels": np.stack(pixels)}
 
     features = datasets.Features(
         {
-            "pixels": datasets.Array3D((1, resolution, resolution), "uint8"),
-            LABEL_COLUMN: data.features[LABEL_COLUMN],
+            "pixels": datasets.Array3D((channels, resolution, resolution), "uint8"),
+            LABEL_COLUMN: data.features[label_column],
         }
     )
-    decoded = data.map(
+    decoded = data.select_columns([image_column, label_column])
+    if label_column != LABEL_COLUMN:
+        decoded = decoded.rename_column(label_column, LABEL_COLUMN)
+    decoded = decoded.map(
         to_pixels,
         batched=True,
         batch_size=2000,
-        remove_columns=[IMAGE_COLUMN],
+        remove_columns=[image_column],
         features=features,
         desc=f"Decoding {split} images",
     )
     labels = decoded.with_format("torch", columns=[LABEL_COLUMN], dtype=torch.int64)[:][LABEL_COLUMN]
     pixels = decoded.with_format("torch", columns=["pixels"], dtype=torch.uint8)
+    image_bytes = len(decoded) * channels * resolution**2
     if in_memory is None:
-        in_memory = fits_in_memory(len(decoded) * resolution * resolution)
+        in_memory = fits_in_memory(image_bytes)
         if not in_memory:
             logger.warning(
-                f"The decoded {split} split ({len(decoded) * resolution**2 / 2**30:.1f} GiB) would take more than half "
-                "of the free memory: reading each batch from the memory-mapped datasets cache instead."
+                f"The decoded {split} split ({image_bytes / 2**30:.1f} GiB) would take more than half of the free "
+                "memory: reading each batch from the memory-mapped datasets cache instead."
             )
     images = pixels[:]["pixels"] if in_memory else pixels
-    return ImageClassData(images=images, labels=labels, label_names=label_names_of(data))
+    return ImageClassData(images=images, labels=labels, label_names=label_names)

@@ -18,13 +18,13 @@ import logging
 import os
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from .classifier import MNISTClassifier, accuracy, fit_classifier, load_fit_and_validation, load_or_train_classifier
-from .data import ImageClassData, load_split
+from .data import DEFAULT_FORMAT, IMAGE_COLUMN, LABEL_COLUMN, DataFormat, ImageClassData, load_split
 from .errors import UsageError
 from .loading import load_pipeline
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
@@ -57,16 +57,22 @@ def load_evaluation_set(
     reference: str = "test",
     classifier_cache_dir: str | None = None,
     classifier_train_samples: int | None = None,
+    data_format: DataFormat = DEFAULT_FORMAT,
 ) -> EvaluationSet:
-    """The cached classifier (trained on first use) and the held-out sets for `reference` ("test" or "validation")."""
+    """The cached classifier (trained on first use) and the held-out sets for `reference` ("test" or "validation"),
+    read from `dataset` as `data_format` says (its columns, and the generated images' resolution)."""
     if reference not in REFERENCES:
         raise UsageError(f"Unknown reference {reference!r}; use one of {list(REFERENCES)}.")
-    fit_and_validation = load_fit_and_validation(dataset)
+    fit_and_validation = load_fit_and_validation(dataset, data_format)
     classifier, record = load_or_train_classifier(
-        dataset, classifier_cache_dir, max_train_samples=classifier_train_samples, fit_and_validation=fit_and_validation
+        dataset,
+        classifier_cache_dir,
+        max_train_samples=classifier_train_samples,
+        fit_and_validation=fit_and_validation,
+        data_format=data_format,
     )
     fit, validation, _ = fit_and_validation
-    held_out = {"test": load_split(dataset, "test"), "validation": validation}
+    held_out = {"test": load_split(dataset, "test", **asdict(data_format)), "validation": validation}
     floor_source = "validation" if reference == "test" else "test"
     metric = FrechetInceptionDistance(feature=classifier, reset_real_features=False, sync_on_compute=False)
     with torch.no_grad():
@@ -213,10 +219,22 @@ def evaluate(
     cas_images_per_label: int | None = None,
     classifier_cache_dir: str | None = None,
     classifier_train_samples: int | None = None,
+    image_column: str = IMAGE_COLUMN,
+    label_column: str = LABEL_COLUMN,
 ) -> dict:
     """Sample `num_images_per_label` images of every class with `pipe` for each seed and score them against
-    `reference` (see `score_images`); with `cas_images_per_label`, also the classification accuracy score."""
-    evaluation_set = load_evaluation_set(dataset, reference, classifier_cache_dir, classifier_train_samples)
+    `reference` (see `score_images`); with `cas_images_per_label`, also the classification accuracy score. The real
+    images are read from `dataset`'s `image_column` and `label_column` at the pipeline's resolution."""
+    data_format = DataFormat(image_column, label_column, resolution=pipe.unet.config.sample_size)
+    evaluation_set = load_evaluation_set(
+        dataset, reference, classifier_cache_dir, classifier_train_samples, data_format
+    )
+    if evaluation_set.fit.image_shape[0] != pipe.unet.config.in_channels:
+        raise UsageError(
+            f"The model makes {pipe.unet.config.in_channels}-channel images but {dataset!r} (column "
+            f"{image_column!r}) holds {evaluation_set.fit.image_shape[0]}-channel ones; evaluate against the dataset "
+            "the model was trained on (--dataset, --image_column, --label_column)."
+        )
     sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                 "guidance_interval": guidance_interval}  # fmt: skip
     per_seed = []
@@ -254,6 +272,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Dataset for the classifier and the real images "
         "(default: the bundled data/mnist when run from the repository, else ylecun/mnist).",
     )
+    parser.add_argument("--image_column", default="image", help="The dataset's column of images (cifar10: img).")
+    parser.add_argument("--label_column", default="label", help="The dataset's column of class ids.")
     parser.add_argument(
         "--reference",
         choices=REFERENCES,
@@ -350,6 +370,8 @@ def main(args: argparse.Namespace) -> None:
         cas_images_per_label=args.cas,
         classifier_cache_dir=args.classifier_cache_dir,
         classifier_train_samples=args.classifier_train_samples,
+        image_column=args.image_column,
+        label_column=args.label_column,
     )
     # What the pipeline ran with: the saved default wherever a flag was not given.
     settings = {

@@ -31,7 +31,7 @@ With this project's `pipeline` package installed (`pip install -e .` in the proj
 from pipeline import ClassConditionedDDIMPipeline
 
 pipe = ClassConditionedDDIMPipeline.from_pretrained("{repo}")
-images = pipe(class_labels=[3, 7], num_images_per_label=4).images  # PIL images: four 3s, then four 7s
+images = pipe(class_labels=[{first}, {second}], num_images_per_label=4).images  # 4 of class {first}, then 4 of {second}
 ```
 
 With diffusers alone: this folder carries the pipeline and model code, so no package is needed. It runs that code,
@@ -41,17 +41,17 @@ so pass `trust_remote_code=True` only for folders you trust:
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained("{repo}", trust_remote_code=True)
-images = pipe(class_labels=[3, 7]).images
+images = pipe(class_labels=[{first}, {second}]).images
 ```
 
-From the command line: `python sample.py --model {repo} --class_labels 3 7 --output grid.png`.
+From the command line: `python sample.py --model {repo} --class_labels {first} {second} --output grid.png`.
 
 Classes: {classes}.
 
 ## Demo
 
 In the project's repository, `pip install -e ".[demo]" && python app.py --model {repo}` serves a page on
-http://127.0.0.1:7860: pick digits (or type `2026`), watch them being denoised, download the grid.
+http://127.0.0.1:7860: pick classes, watch them being denoised, download the grid.
 
 As a Hugging Face Space: create a Space with the Gradio SDK holding the project's `app.py` and `pipeline/` folder
 and a `requirements.txt` with `torch`, `torchvision`, `diffusers` and `safetensors`, then set the Space variable
@@ -72,6 +72,7 @@ Dataset: {dataset}. {training_line}
 """
 
 CONFIG_KEYS = [
+    "image_column", "label_column", "resolution",
     "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps",
     "num_epochs", "max_train_steps", "use_ema", "class_dropout_prob", "num_train_timesteps", "beta_schedule",
     "prediction_type", "snr_gamma", "block_out_channels", "layers_per_block", "down_block_types", "class_emb_size",
@@ -87,7 +88,8 @@ def write_model_card(output_dir: str, config: dict, summary: dict, id2label: dic
     metadata = ModelCardData(
         library_name="diffusers",
         license="apache-2.0",
-        tags=["diffusers", "class-conditional", "image-generation", "mnist", "pytorch"]
+        tags=["diffusers", "class-conditional", "image-generation", "pytorch"]
+        + (["mnist"] if "mnist" in dataset.lower() else [])
         + (["ddim"] if scheduler == "DDIMScheduler" else [])
         + (["consistency-distillation"] if config.get("teacher") else []),
         datasets=[dataset] if is_hub_dataset else None,
@@ -100,11 +102,11 @@ def write_model_card(output_dir: str, config: dict, summary: dict, id2label: dic
         metrics_text = (
             f"On {metrics['images_per_label']} images per class ({metrics['num_inference_steps']} "
             f"{metrics['scheduler']} steps, guidance scale {metrics['guidance_scale']}, one sampling seed), judged "
-            f"by an MNIST classifier against the {metrics.get('reference', 'validation')} reference (real digits "
+            f"by the evaluation classifier against the {metrics.get('reference', 'validation')} reference (real images "
             "held out from the classifier; see the project's README, \"Evaluation\"):\n\n"
             "| conditional accuracy | classifier FID | real-data FID floor |\n| --- | --- | --- |\n"
             f"| {metrics['cond_accuracy']:.4f} | {metrics['fid']:.2f} | {metrics['fid_real_floor']:.2f} |\n\n"
-            "The floor is the FID of as many real held-out digits with the same labels: the best score at this "
+            "The floor is the FID of as many real held-out images with the same labels: the best score at this "
             "sample size. These are the quick figures logged during training; for reportable ones (test reference, "
             "three seeds) run `python -m pipeline.evaluate --model THIS_FOLDER --seeds 0 1 2`."
         )
@@ -128,9 +130,12 @@ def write_model_card(output_dir: str, config: dict, summary: dict, id2label: dic
         scheduler=scheduler,
         repo=config.get("hub_model_id") or "PATH_TO_THIS_FOLDER",
         classes=", ".join(f"{class_id} = {name!r}" for class_id, name in id2label.items()),
+        # the examples ask for two of this model's classes (3 and 7 for digits), by id
+        first=3 if len(id2label) > 7 else 0,
+        second=7 if len(id2label) > 7 else 1,
         dataset=f"[{dataset}](https://huggingface.co/datasets/{dataset})"
         if is_hub_dataset
-        else f"the local folder `{local_dataset_name(dataset)}` (the `ylecun/mnist` layout)",
+        else f"the local folder `{local_dataset_name(dataset)}`",
         training_line=training_line,
         config_rows="\n".join(f"| `{key}` | {json.dumps(config[key])} |" for key in config_keys),
         metrics_text=metrics_text,

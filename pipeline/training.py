@@ -42,7 +42,7 @@ from .checkpointing import (
     save_checkpoint,
     save_pipeline,
 )
-from .data import load_split
+from .data import DataFormat, ImageClassData, load_split
 from .distillation import ConsistencyDistillation
 from .errors import TrainingError, UsageError
 from .evaluate import EvaluationSet, load_evaluation_set
@@ -65,8 +65,11 @@ logger = get_logger(__name__)
 CPU_MICRO_BATCH_SIZE = 128  # the fastest micro-batch for the seed model on a 2-core AVX2 CPU (bench/)
 
 
-def build_model(args: argparse.Namespace, label_names: list[str]) -> ClassConditionedUNet:
-    """The model from `--model_config` (a `config.json`) or from the architecture flags."""
+def build_model(args: argparse.Namespace, train_data: ImageClassData) -> ClassConditionedUNet:
+    """The model from `--model_config` (a `config.json`) or from the architecture flags, for the data's image shape
+    and classes."""
+    channels, resolution, _ = train_data.image_shape
+    label_names = train_data.label_names
     if args.model_config:
         config = ClassConditionedUNet.load_config(args.model_config)
     else:
@@ -79,10 +82,18 @@ def build_model(args: argparse.Namespace, label_names: list[str]) -> ClassCondit
             "class_emb_size": args.class_emb_size,
             "norm_num_groups": args.norm_num_groups,
             "time_class_embedding": args.time_class_embedding,
-            "sample_size": args.resolution,
         }
-    # The dataset decides the classes; the names travel with the model so pipelines accept them.
+    # The data decides the image shape and the classes; the names travel with the model so pipelines accept them.
+    if args.model_config and (config.get("in_channels", 1), config.get("sample_size", 28)) != (channels, resolution):
+        raise UsageError(
+            f"--model_config {args.model_config} is for {config.get('in_channels', 1)}-channel images of "
+            f"{config.get('sample_size', 28)} pixels, but the data is {channels}-channel at {resolution}; pass "
+            f"--resolution {config.get('sample_size', 28)} or another config."
+        )
     config.update(
+        in_channels=channels,
+        out_channels=channels,
+        sample_size=resolution,
         num_classes=len(label_names),
         id2label=dict(enumerate(label_names)),
         class_dropout_prob=args.class_dropout_prob,
@@ -251,7 +262,9 @@ def train(args: argparse.Namespace) -> None:
     # 2. data: decoded once into a uint8 tensor that lives on the training device (or, for a split too large for
     # memory, read per batch from the memory-mapped datasets cache)
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others reuse it
-        train_data = load_split(args.dataset, "train", args.resolution, in_memory=False if args.lazy_data else None)
+        train_data = load_split(args.dataset, "train", args.resolution, in_memory=False if args.lazy_data else None,
+                                image_column=args.image_column, label_column=args.label_column)  # fmt: skip
+    args.resolution = train_data.image_shape[1]  # the data's own size unless --resolution: the config records it
     num_samples = min(len(train_data), args.max_train_samples or len(train_data))
     if train_data.in_memory:
         images_on_device = train_data.images[:num_samples].to(accelerator.device)
@@ -259,7 +272,7 @@ def train(args: argparse.Namespace) -> None:
 
     # 3. model (built after set_seed so the seed also fixes the initial weights), EMA, noise scheduler, optimizer
     set_seed(args.seed)
-    model = build_model(args, train_data.label_names)
+    model = build_model(args, train_data)
     low, high = int(train_data.labels.min()), int(train_data.labels.max())
     if low < 0 or high >= model.config.num_classes:
         raise UsageError(
@@ -460,8 +473,9 @@ def load_validation_evaluation(accelerator: Accelerator, args: argparse.Namespac
     """
     evaluation = None
     if accelerator.is_main_process and args.validation_images_per_label:
+        data_format = DataFormat(args.image_column, args.label_column, args.resolution)
         evaluation = load_evaluation_set(
-            args.dataset, "validation", args.classifier_cache_dir, args.classifier_train_samples
+            args.dataset, "validation", args.classifier_cache_dir, args.classifier_train_samples, data_format
         )
         smallest_class = int(evaluation.floor_pool.labels.bincount().min())
         if args.validation_images_per_label > smallest_class:  # found now, not after training

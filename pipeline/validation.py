@@ -154,7 +154,7 @@ def log_validation(
 
             tracker.log({"validation/samples": wandb.Image(grid, caption=caption)}, step=step)
         elif tracker.name == "tensorboard":
-            tracker.writer.add_image("validation/samples", np.asarray(grid)[:, :, None], step, dataformats="HWC")
+            tracker.writer.add_image("validation/samples", np.atleast_3d(np.asarray(grid)), step, dataformats="HWC")
     logger.info(f"Validation at step {step}: {metrics or 'grid only'}")
     return metrics
 

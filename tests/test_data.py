@@ -43,14 +43,14 @@ def test_missing_split_is_named():
         load_split(DATASET, "validation")
 
 
-def test_rgb_images_of_another_size_are_converted(tmp_path):
+def test_rgb_images_are_resized_and_keep_their_colour(tmp_path):
     images = [Image.new("RGB", (32, 32), color=(255, 255, 255)), Image.new("RGB", (32, 32))]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
     datasets.Dataset.from_dict({"image": images, "label": [0, 1]}, features=features).to_parquet(
         tmp_path / "train.parquet"
     )
     data = load_split(str(tmp_path), resolution=28)
-    assert data.images.shape == (2, 1, 28, 28)
+    assert data.images.shape == (2, 3, 28, 28)
     assert data.images[0].min() == 255 and data.images[1].max() == 0
     assert data.label_names == ["a", "b"]
 

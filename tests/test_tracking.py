@@ -80,7 +80,7 @@ def test_run_artifacts_in_the_output_folder(logged_run):
     assert "trust_remote_code=True" in card and "samples.png" in card and "conditional accuracy" in card
     assert "python app.py --model" in card and "Hugging Face Space" in card  # how to run the demo, also as a Space
     assert "the validation reference" in card  # training never reports against the test split
-    assert "`data/mnist` (the `ylecun/mnist` layout)" in card and "`num_epochs`" not in card  # --max_train_steps ran
+    assert "the local folder `data/mnist`" in card and "`num_epochs`" not in card  # --max_train_steps ran
     assert ("- ddim" in card) == (summary["final_metrics"]["scheduler"] == "DDIMScheduler")
     # The recipe's sampling defaults, which pipe(class_labels) uses, are in the card.
     assert "| `default_guidance_scale` |" in card and "| `default_guidance_interval` | [0.0, 1.0] |" in card
