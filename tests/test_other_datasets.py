@@ -115,6 +115,20 @@ def test_mnist_reads_exactly_as_the_raw_images():
         assert torch.equal(data.images[index, 0], torch.from_numpy(np.asarray(raw[index]["image"])))
 
 
+def test_mnist_trains_to_the_same_weights_as_with_the_old_defaults(trained_dir, tmp_path):
+    # `trained_dir` ran with the new defaults (size and channels from the data); the old ones, spelled out, must give
+    # the very same weights, bit for bit, so MNIST's numbers cannot move.
+    accelerate_launch(
+        "cpu.yaml",
+        ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "4", "--train_batch_size", "8", *TINY_TRAIN_FLAGS,
+         "--resolution", "28", "--image_column", "image", "--label_column", "label"],
+    )  # fmt: skip
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "run" / weights).read_bytes() == (trained_dir / weights).read_bytes()
+    unet = json.loads((tmp_path / "run" / "unet" / "config.json").read_text())
+    assert (unet["in_channels"], unet["out_channels"], unet["sample_size"]) == (1, 1, 28)
+
+
 def train_tiny(dataset: Path, output_dir: Path, *flags: str) -> None:
     accelerate_launch(
         "cpu.yaml",

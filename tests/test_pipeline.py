@@ -137,7 +137,8 @@ def test_every_listed_scheduler_samples(tiny_pipe, name):
     assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
 
 
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+# lcm is left out: it samples a distilled student on the grid it was distilled on, which starts at t=999 by design
+@pytest.mark.parametrize("name", sorted(set(SCHEDULERS) - {"lcm"}))
 def test_switching_sampler_keeps_the_timestep_spacing(tiny_unet, name):
     # Regression: DPMSolverMultistepScheduler.from_config(DDIMScheduler(...).config) silently took "linspace", whose
     # first step is t=999, where the cosine schedule's signal is ~0 and an epsilon model's estimate explodes (the
@@ -150,7 +151,7 @@ def test_switching_sampler_keeps_the_timestep_spacing(tiny_unet, name):
 
 
 def test_unknown_scheduler_name_lists_the_choices(tiny_pipe):
-    with pytest.raises(ValueError, match=r"choose one of \['ddim', 'ddpm', 'dpm\+\+', 'euler', 'unipc'\]"):
+    with pytest.raises(ValueError, match=r"choose one of \['ddim', 'ddpm', 'dpm\+\+', 'euler', 'lcm', 'unipc'\]"):
         set_scheduler(tiny_pipe, "heun")
 
 

@@ -103,14 +103,18 @@ def test_sampling_and_throughput_rows_render(tmp_path):
     setting = {"setting": "dpm++ 10 steps", "unet_calls_per_image": 10, "guidance_scale": 2.0, "img_s": figure,
                "cond_accuracy": {"mean": 0.94, "std": 0.01}, "fid": {"mean": 71.3, "std": 2.0},
                "fid_real_floor": {"mean": 10.1, "std": 0.2}}  # fmt: skip
+    seed_loop = {**setting, "setting": "seed loop: ddim 40 steps", "unet_calls_per_image": 40, "guidance_scale": 1.0,
+                 "img_s": {"mean": 10.0, "std": 0.1}}  # fmt: skip
     append_row(tmp_path / "sampling.jsonl", {
         "name": "full", "provenance": PROVENANCE, "model": "output/mnist-quick", "reference": "test",
         "floor_source": "validation", "seeds": [0, 1],
-        "num_images_per_label": 100, "settings": [setting],
+        "num_images_per_label": 100, "settings": [seed_loop, setting],
         "fewest_calls_at_seed_quality": {"setting": "dpm++ 10 steps", "guidance_scale": 2.0,
                                          "call_ratio_vs_seed": 0.25, "speedup_vs_seed": 2.03}})  # fmt: skip
     sampling = report.render_block("sampling", tmp_path)
-    assert "| dpm++ 10 steps | 10 | 2 | 20.0 ± 0.5 | 94.0 ± 1.0 % | 71.3 ± 2.0 | 10.1 ± 0.2 |" in sampling
+    # a guided call evaluates the network twice; images/s are compared with the seed loop's (the first setting)
+    assert "| seed loop: ddim 40 steps | 40 | 40 | 1 | 10.0 ± 0.1 | 1.0× |" in sampling
+    assert "| dpm++ 10 steps | 10 | 20 | 2 | 20.0 ± 0.5 | 2.0× | 94.0 ± 1.0 % | 71.3 ± 2.0 | 10.1 ± 0.2 |" in sampling
     assert "dpm++ 10 steps, guidance 2: 0.25× the calls, 2.03× the images/s." in sampling
 
     batch = {"seed_img_s": 30.3, "ours_img_s": 59.0, "ratio": 1.95, "seed_peak_rss_mb": 8842.9,
