@@ -182,3 +182,13 @@ def test_imagefolder_end_to_end(tmp_path):
     assert (unet["in_channels"], unet["sample_size"], unet["id2label"]) == (3, 16, {"0": "airplane", "1": "cat"})
     lines = run_cli([sys.executable, "-c", LOAD_THREE_WAYS, str(output_dir)]).stdout.splitlines()
     assert [line.split(" ", 1)[1] for line in lines] == ["[('RGB', (16, 16)), ('RGB', (16, 16))]"] * 2
+    grid = tmp_path / "grid.png"
+    run_cli([sys.executable, "sample.py", "--model", str(output_dir), "--class_labels", "cat", "--num_images_per_label",
+             "2", "--num_inference_steps", "2", "--output", str(grid)])  # fmt: skip
+    assert Image.open(grid).mode == "RGB" and Image.open(grid).height == 16 + 2 * 2
+    # evaluated at the model's 16 pixels against the folder's test/ images; 2 per class: the floor's pool holds 2
+    result = run_cli([sys.executable, "-m", "pipeline.evaluate", "--model", str(output_dir), "--dataset",
+                      str(tmp_path / "data"), "--seeds", "0", "--num_images_per_label", "2", "--num_inference_steps",
+                      "2", "--classifier_cache_dir", str(tmp_path / "classifiers")])  # fmt: skip
+    results = json.loads(result.stdout.splitlines()[-1])
+    assert results["num_images"] == 4 and results["classifier"]["num_fit_images"] == 20
