@@ -18,13 +18,13 @@ import logging
 import os
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from .classifier import MNISTClassifier, accuracy, fit_classifier, load_fit_and_validation, load_or_train_classifier
-from .data import DEFAULT_FORMAT, IMAGE_COLUMN, LABEL_COLUMN, DataFormat, ImageClassData, load_split
+from .data import DEFAULT_FORMAT, DataFormat, ImageClassData, load_split
 from .errors import UsageError
 from .loading import load_pipeline
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
@@ -219,21 +219,20 @@ def evaluate(
     cas_images_per_label: int | None = None,
     classifier_cache_dir: str | None = None,
     classifier_train_samples: int | None = None,
-    image_column: str = IMAGE_COLUMN,
-    label_column: str = LABEL_COLUMN,
+    data_format: DataFormat = DEFAULT_FORMAT,
 ) -> dict:
     """Sample `num_images_per_label` images of every class with `pipe` for each seed and score them against
     `reference` (see `score_images`); with `cas_images_per_label`, also the classification accuracy score. The real
-    images are read from `dataset`'s `image_column` and `label_column` at the pipeline's resolution."""
-    data_format = DataFormat(image_column, label_column, resolution=pipe.unet.config.sample_size)
+    images are read from `dataset`'s columns that `data_format` names, at the pipeline's resolution."""
+    data_format = replace(data_format, resolution=pipe.unet.config.sample_size)
     evaluation_set = load_evaluation_set(
         dataset, reference, classifier_cache_dir, classifier_train_samples, data_format
     )
     if evaluation_set.fit.image_shape[0] != pipe.unet.config.in_channels:
         raise UsageError(
             f"The model makes {pipe.unet.config.in_channels}-channel images but {dataset!r} (column "
-            f"{image_column!r}) holds {evaluation_set.fit.image_shape[0]}-channel ones; evaluate against the dataset "
-            "the model was trained on (--dataset, --image_column, --label_column)."
+            f"{data_format.image_column!r}) holds {evaluation_set.fit.image_shape[0]}-channel ones; evaluate against "
+            "the dataset the model was trained on (--dataset, --image_column, --label_column)."
         )
     sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                 "guidance_interval": guidance_interval}  # fmt: skip
@@ -370,8 +369,7 @@ def main(args: argparse.Namespace) -> None:
         cas_images_per_label=args.cas,
         classifier_cache_dir=args.classifier_cache_dir,
         classifier_train_samples=args.classifier_train_samples,
-        image_column=args.image_column,
-        label_column=args.label_column,
+        data_format=DataFormat(args.image_column, args.label_column),
     )
     # What the pipeline ran with: the saved default wherever a flag was not given.
     settings = {
