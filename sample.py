@@ -137,10 +137,15 @@ def main(args: argparse.Namespace) -> None:
         print(f"Wrote {len(images)} PNG files to {args.output_dir}")
 
 
-if __name__ == "__main__":
-    arguments = parse_args()
+def cli(argv: list[str] | None = None) -> None:
+    """The command line: bad input (model folder, labels, output path) ends in one line and exit code 2."""
+    arguments = parse_args(argv)
     try:
         main(arguments)
-    except UsageError as error:  # bad model folder, labels or output path: one line, no traceback
+    except UsageError as error:  # one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,15 @@ def run_cli(
             f"{result.stderr[-4000:]}"
         )
     return result
+
+
+def exit_code_and_stderr(cli: Callable[[list[str]], None], argv: list[str], capsys) -> tuple[int, str]:
+    """Run a script's command-line function in this process and return its exit code and what it wrote to stderr.
+    For bad-input tests: they skip a fresh interpreter's ~10 s of imports, and an unexpected exception (what would be
+    a traceback on the command line) fails the test."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli(argv)
+    return exit_info.value.code, capsys.readouterr().err
 
 
 def accelerate_command(config: str, launch_args: list[str] = ()) -> list[str]:

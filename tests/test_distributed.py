@@ -7,6 +7,7 @@ import json
 import shutil
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,10 +74,21 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory):
+    """The reference run. It checkpoints every 2 steps so that the resume tests restart a copy of it from step 4
+    (mid-epoch: 48 samples / 8 = 6 steps per epoch) instead of training the first half again. Checkpointing must not
+    change the result: test_lazy_data_trains_the_identical_model compares a run without checkpoints bit for bit."""
     output_dir = tmp_path_factory.mktemp("one_process")
-    accelerate_launch(
-        "cpu.yaml", ["--output_dir", str(output_dir), "--train_batch_size", "8", "--max_train_steps", "8", *RUN_FLAGS]
-    )
+    accelerate_launch("cpu.yaml", ["--output_dir", str(output_dir), "--train_batch_size", "8", "--max_train_steps", "8",
+                                   "--checkpointing_steps", "2", *RUN_FLAGS])  # fmt: skip
+    return output_dir
+
+
+def interrupted_at_step_4(single_process_run, tmp_path) -> Path:
+    """A copy of the reference run as it stood after its checkpoint at step 4: later checkpoints and weights gone."""
+    output_dir = Path(shutil.copytree(single_process_run, tmp_path / "run"))
+    for step in (6, 8):
+        shutil.rmtree(output_dir / "checkpoints" / f"checkpoint-{step}")
+    (output_dir / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     return output_dir
 
 
@@ -140,7 +152,8 @@ def test_compiled_model_trains_the_same_model(single_process_run, tmp_path):
 
 
 def test_lazy_data_trains_the_identical_model(single_process_run, tmp_path):
-    # What a split too large for memory gets: batches read from the memory-mapped cache, same order, same bits.
+    # What a split too large for memory gets: batches read from the memory-mapped cache, same order, same bits. This
+    # run saves no checkpoints and the reference run does: saving one must not change the run either (RNG states).
     accelerate_launch("cpu.yaml", ["--output_dir", str(tmp_path), "--train_batch_size", "8", "--max_train_steps", "8",
                                    "--lazy_data", *RUN_FLAGS])  # fmt: skip
     lazy, in_memory = unet_weights(tmp_path), unet_weights(single_process_run)
@@ -187,49 +200,17 @@ def test_two_simulated_machines_train_once(single_process_run, tmp_path):
 
 
 def test_resume_mid_epoch_is_bit_exact(single_process_run, tmp_path):
-    # Same run, checkpointing every 3 steps (48 samples / 8 = 6 steps per epoch: step 3 is mid-epoch).
-    accelerate_launch(
-        "cpu.yaml",
-        [
-            "--output_dir",
-            str(tmp_path),
-            "--train_batch_size",
-            "8",
-            "--max_train_steps",
-            "8",
-            "--checkpointing_steps",
-            "3",
-            *RUN_FLAGS,
-        ],
-    )
-    uninterrupted = unet_weights(tmp_path)
-    assert all(torch.equal(uninterrupted[name], tensor) for name, tensor in unet_weights(single_process_run).items())
-    shutil.rmtree(tmp_path / "checkpoints" / "checkpoint-6")
-    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-
-    accelerate_launch(
-        "cpu.yaml",
-        [
-            "--output_dir",
-            str(tmp_path),
-            "--train_batch_size",
-            "8",
-            "--max_train_steps",
-            "8",
-            "--checkpointing_steps",
-            "3",
-            "--resume_from_checkpoint",
-            "latest",
-            *RUN_FLAGS,
-        ],
-    )
-    resumed_summary = summary(tmp_path)
-    assert resumed_summary["steps_this_run"] == 5
-    resumed = unet_weights(tmp_path)
-    assert all(torch.equal(resumed[name], tensor) for name, tensor in uninterrupted.items())
-    # The run's time is measured, not extrapolated: the first segment's time up to checkpoint-3, as that checkpoint
+    output_dir = interrupted_at_step_4(single_process_run, tmp_path)
+    accelerate_launch("cpu.yaml", ["--output_dir", str(output_dir), "--train_batch_size", "8", "--max_train_steps",
+                                   "8", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest",
+                                   *RUN_FLAGS])  # fmt: skip
+    resumed_summary = summary(output_dir)
+    assert resumed_summary["steps_this_run"] == 4
+    resumed = unet_weights(output_dir)
+    assert all(torch.equal(resumed[name], tensor) for name, tensor in unet_weights(single_process_run).items())
+    # The run's time is measured, not extrapolated: the first segment's time up to checkpoint-4, as that checkpoint
     # recorded it, plus the whole resumed segment.
-    first_segment_s = json.loads((tmp_path / "checkpoints" / "checkpoint-3" / "training_state.json").read_text())
+    first_segment_s = json.loads((output_dir / "checkpoints" / "checkpoint-4" / "training_state.json").read_text())
     assert resumed_summary["segments"] == 2 and first_segment_s["segment"] == 1
     assert resumed_summary["total_train_time_s"] == pytest.approx(
         first_segment_s["train_time_s"] + resumed_summary["wall_time_s"], abs=0.02
@@ -237,37 +218,12 @@ def test_resume_mid_epoch_is_bit_exact(single_process_run, tmp_path):
 
 
 def test_resume_with_more_processes_and_the_same_global_batch(single_process_run, tmp_path):
-    accelerate_launch(
-        "cpu.yaml",
-        [
-            "--output_dir",
-            str(tmp_path),
-            "--train_batch_size",
-            "8",
-            "--max_train_steps",
-            "8",
-            "--checkpointing_steps",
-            "4",
-            *RUN_FLAGS,
-        ],
-    )
-    shutil.rmtree(tmp_path / "checkpoints" / "checkpoint-8")
-    accelerate_launch(
-        "multi_cpu.yaml",
-        [
-            "--output_dir",
-            str(tmp_path),
-            "--train_batch_size",
-            "4",
-            "--max_train_steps",
-            "8",
-            "--resume_from_checkpoint",
-            "latest",
-            *RUN_FLAGS,
-        ],
-    )
-    assert summary(tmp_path)["steps_this_run"] == 4 and summary(tmp_path)["num_processes"] == 2
-    assert max_difference(unet_weights(tmp_path), unet_weights(single_process_run)) < EQUIVALENCE_ATOL
+    output_dir = interrupted_at_step_4(single_process_run, tmp_path)
+    accelerate_launch("multi_cpu.yaml", ["--output_dir", str(output_dir), "--train_batch_size", "4",
+                                         "--max_train_steps", "8", "--resume_from_checkpoint", "latest",
+                                         *RUN_FLAGS])  # fmt: skip
+    assert summary(output_dir)["steps_this_run"] == 4 and summary(output_dir)["num_processes"] == 2
+    assert max_difference(unet_weights(output_dir), unet_weights(single_process_run)) < EQUIVALENCE_ATOL
 
 
 def test_bf16_autocast_on_cpu(tmp_path):

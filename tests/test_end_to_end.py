@@ -1,11 +1,15 @@
-"""The whole product in fresh processes: `accelerate launch` training -> `from_pretrained` -> `sample.py` -> PNG."""
+"""The whole product in fresh processes: `accelerate launch` training -> `from_pretrained` -> `sample.py` -> PNG.
+Bad-input cases run the scripts' command-line functions in this process (their exit codes and one-line errors; one
+case per script stays a real process)."""
 
 import sys
 
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO_ROOT, TINY_TRAIN_FLAGS, accelerate_launch, run_cli
+import sample
+import train_conditional
+from tests.conftest import REPO_ROOT, TINY_TRAIN_FLAGS, accelerate_launch, exit_code_and_stderr, run_cli
 
 
 def test_training_writes_a_loadable_pipeline(trained_dir):
@@ -81,13 +85,10 @@ def test_sample_cli_is_deterministic(trained_dir, tmp_path):
         (["--class_labels", "seven"], "Unknown label name 'seven'"),
     ],
 )
-def test_sample_cli_bad_labels(trained_dir, tmp_path, args, message):
-    result = run_cli(
-        [sys.executable, "sample.py", "--model", str(trained_dir), *args, "--output", str(tmp_path / "x.png")],
-        check=False,
-    )
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
+def test_sample_cli_bad_labels(trained_dir, tmp_path, capsys, args, message):
+    code, stderr = exit_code_and_stderr(sample.cli, ["--model", str(trained_dir), *args, "--output",
+                                                     str(tmp_path / "x.png")], capsys)  # fmt: skip
+    assert code == 2 and message in stderr, stderr
 
 
 def test_sample_cli_rejects_a_folder_that_is_not_a_pipeline(tmp_path):
@@ -101,8 +102,7 @@ def test_sample_cli_rejects_a_folder_that_is_not_a_pipeline(tmp_path):
 @pytest.mark.parametrize(
     "dataset, message",
     [
-        ("{tmp}/missing", "does not exist"),
-        ("{tmp}/no_label", "lacks ['label']"),
+        ("{tmp}/no_label", "lacks ['label']"),  # a missing folder: test_exit_code_through_accelerate_launch_...
     ],
 )
 def test_train_cli_bad_dataset(tmp_path, dataset, message):
@@ -133,6 +133,18 @@ def test_train_cli_bad_dataset(tmp_path, dataset, message):
         (["--learning_rate", "-1"], "--learning_rate: must be a positive number, got -1"),
         (["--default_guidance_interval", "0.5", "0.2"], "--default_guidance_interval must be START STOP with 0 <="),
         (["--attention_head_dim", "24"], "--attention_head_dim 24 must divide the width of every level with attention"),
+    ],
+)
+def test_train_cli_flag_errors_exit_2(tmp_path, capsys, args, message):
+    code, stderr = exit_code_and_stderr(train_conditional.parse_args, ["--output_dir", str(tmp_path / "out"), *args],
+                                        capsys)  # fmt: skip
+    assert code == 2 and message in stderr, stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
         (["--dataset", "/no/such/folder"], "Dataset folder '/no/such/folder' does not exist"),
         (["--dataset", str(REPO_ROOT / "data" / "mnist" / "README.md")], "is a file; pass the folder that holds"),
         (["--output_dir", str(REPO_ROOT / "README.md")], "is a file; pass a folder"),
@@ -156,3 +168,4 @@ def test_exit_code_through_accelerate_launch_is_the_documented_one(tmp_path, lau
     assert result.returncode == 1
     assert "error: Dataset folder '/no/such/folder' does not exist" in result.stderr
     assert ("Traceback" in result.stderr) == (launch_args == [])
+    assert not (tmp_path / "out" / "model_index.json").exists()

@@ -17,8 +17,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import sample
 from pipeline.checkpointing import find_checkpoint, pipeline_at_checkpoint
-from tests.conftest import REPO_ROOT, TINY_TRAIN_FLAGS, CreatesMarker, accelerate_command, cli_env, run_cli
+from tests.conftest import (
+    REPO_ROOT,
+    TINY_TRAIN_FLAGS,
+    CreatesMarker,
+    accelerate_command,
+    cli_env,
+    exit_code_and_stderr,
+    run_cli,
+)
 
 RUN = [*TINY_TRAIN_FLAGS, "--train_batch_size", "8", "--max_train_samples", "48", "--use_ema",
        "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--logging_steps", "1"]  # fmt: skip
@@ -214,12 +223,11 @@ def make_broken_model(trained_dir: Path, tmp_path: Path, breakage: str) -> Path:
     ("wrong config type", "Could not load a pipeline"),
     ("invalid model_index.json", "model_index.json is not valid JSON"),
 ])  # fmt: skip
-def test_sample_refuses_broken_model_folders(trained_dir, tmp_path, breakage, message):
+def test_sample_refuses_broken_model_folders(trained_dir, tmp_path, capsys, breakage, message):
     model = make_broken_model(trained_dir, tmp_path, breakage)
-    result = run_cli([sys.executable, "sample.py", "--model", str(model), "--output", str(tmp_path / "x.png")],
-                     check=False)  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and "Traceback" not in result.stderr
+    argv = ["--model", str(model), "--output", str(tmp_path / "x.png")]
+    code, stderr = exit_code_and_stderr(sample.cli, argv, capsys)
+    assert code == 2 and message in stderr, stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -231,9 +239,9 @@ def test_sample_refuses_broken_model_folders(trained_dir, tmp_path, breakage, me
     (["--guidance_interval", "0", "1.5"], "--guidance_interval must be START STOP with 0 <= START < STOP <= 1"),
     (["--output", "/proc/grid.png", "--num_inference_steps", "1"], "Cannot write --output '/proc/grid.png'"),
 ])  # fmt: skip
-def test_sample_usage_errors_exit_2(trained_dir, tmp_path, args, message):
-    result = run_cli([sys.executable, "sample.py", "--model", str(trained_dir), *args], check=False)
-    assert result.returncode == 2 and message in result.stderr
+def test_sample_usage_errors_exit_2(trained_dir, tmp_path, capsys, args, message):
+    code, stderr = exit_code_and_stderr(sample.cli, ["--model", str(trained_dir), *args], capsys)
+    assert code == 2 and message in stderr, stderr
 
 
 def test_unlabelled_examples_are_refused(tmp_path):

@@ -41,12 +41,15 @@ def test_slurm_script_launches_once_per_node():
 
 
 def test_presets_name_real_flags_and_explicit_flags_win():
+    import train_conditional
     from pipeline.presets import PRESETS
 
-    def resolved(*flags: str) -> dict:
-        result = run_cli([sys.executable, "train_conditional.py", *flags, "--print_config"])
-        return json.loads(result.stdout)
+    def resolved(*flags: str) -> dict:  # as --print_config prints them
+        return json.loads(json.dumps(vars(train_conditional.parse_args(list(flags)))))
 
+    # What a user sees: --print_config in a real process prints the same resolved settings.
+    printed = run_cli([sys.executable, "train_conditional.py", "--preset", "quick", "--print_config"]).stdout
+    assert json.loads(printed) == {**resolved("--preset", "quick"), "print_config": True}
     plain = resolved()
     # The seed preset is the script's plain defaults: the notebook's recipe.
     assert {key: plain[key] for key in PRESETS["seed"]} == PRESETS["seed"]
