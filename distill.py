@@ -16,7 +16,7 @@ from train_conditional import build_parser, main, parse_args, positive_float, po
 # The student's recipe unless flags say otherwise: diffusers' LCM distillation defaults where they carry over (target
 # EMA 0.95, pseudo-Huber c = 0.001, a 50-step DDIM grid), sized for a 2-core CPU.
 DISTILLATION_DEFAULTS = {
-    "train_batch_size": 64,
+    "global_batch_size": 64,
     "max_train_steps": 1000,
     "learning_rate": 1e-4,
     "lr_scheduler": "cosine",

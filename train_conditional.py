@@ -21,7 +21,9 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.presets import PRESETS
+from pipeline.checkpointing import SHARED_FOLDER_MARKER
+from pipeline.errors import UsageError
+from pipeline.presets import PRESETS, resolve_batch_size
 from pipeline.schedulers import SCHEDULERS, add_guidance_interval_flag
 
 DEFAULT_DATASET = str(Path(__file__).resolve().parent / "data" / "mnist")
@@ -209,10 +211,18 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
         help="Replace the pipeline and checkpoints an earlier run left in --output_dir (refused otherwise).",
     )
     training.add_argument(
-        "--train_batch_size",
+        "--global_batch_size",
         type=positive_int,
         default=512,
-        help="Images per process per micro-step. The global batch is this x processes x --gradient_accumulation_steps.",
+        help="Images per optimizer step over all processes and accumulation steps (the seed's 512; presets set their "
+        "own). Each process takes an equal share, so a recipe trains the same on any number of GPUs.",
+    )
+    training.add_argument(
+        "--train_batch_size",
+        type=positive_int,
+        default=None,
+        help="Images per process per micro-step (diffusers' convention); given, it wins over --global_batch_size, "
+        "which becomes this x processes x --gradient_accumulation_steps. Default: the global batch's share.",
     )
     training.add_argument("--num_epochs", type=positive_int, default=10, help="Passes over the training set.")
     training.add_argument(
@@ -251,6 +261,13 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
         type=non_negative_int,
         default=0,
         help="Fixes the initial weights, the data order and every step's noise.",
+    )
+    training.add_argument(
+        "--ddp_timeout",
+        type=positive_int,
+        default=7200,
+        help="Seconds a process waits in a collective (e.g. while the main process trains the evaluation classifier) "
+        "before the run fails; torch's default is 10 minutes for NCCL.",
     )
     training.add_argument(
         "--mixed_precision",
@@ -375,6 +392,10 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         # Apply the preset as defaults, then parse again so that explicit flags override it.
         parser.set_defaults(**PRESETS[args.preset])
         args = parser.parse_args(argv)
+    try:  # the launcher's process count: accelerate launch and torchrun set WORLD_SIZE (checked again in training)
+        resolve_batch_size(args, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
+    except UsageError as error:
+        parser.error(str(error))
     if args.print_config:
         print(json.dumps(vars(args), indent=2))
         sys.exit(0)
@@ -408,7 +429,7 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
 
 
 def main(args: argparse.Namespace) -> None:
-    from pipeline.errors import TrainingError, UsageError
+    from pipeline.errors import TrainingError
     from pipeline.training import train
 
     created_output_dir = not os.path.exists(args.output_dir)
@@ -422,9 +443,18 @@ def main(args: argparse.Namespace) -> None:
 
 
 def remove_if_empty(folder: str) -> None:
-    """Remove a folder this run created when the run failed before writing a file into it (empty subfolders only)."""
-    if not os.path.isdir(folder) or any(files for _, _, files in os.walk(folder)):
+    """Remove a folder this run created when the run failed before writing a file into it (empty subfolders only,
+    or the shared-folder check's marker)."""
+    if not os.path.isdir(folder):
         return
+    files = [os.path.join(path, name) for path, _, names in os.walk(folder) for name in names]
+    if any(os.path.basename(file) != SHARED_FOLDER_MARKER for file in files):
+        return
+    for file in files:
+        try:
+            os.remove(file)
+        except OSError:  # another process of the run removed it first
+            pass
     for path, _, _ in sorted(os.walk(folder), reverse=True):  # deepest first
         try:
             os.rmdir(path)

@@ -1,68 +1,66 @@
 #!/usr/bin/env bash
-# One prepared GPU check that fits a 10-minute window. From the repository root, after `pip install -e .`:
-#   bash bench/gpu_check.sh            # full: ~6-8 minutes on one H100
-#   bash bench/gpu_check.sh --quick    # fewer steps
-# Prints the device, training images/s of the seed model at batch 512 and 4096 (bf16 autocast + TF32, eager and
-# torch.compile), sampling images/s, and peak GPU memory; the last line is one JSON object of all figures.
-# STEPS_512, STEPS_4096 and COMPILE_BACKEND override the defaults (COMPILE_BACKEND=aot_eager smoke-tests on a CPU).
-set -euo pipefail
+# The GPU check: run it first whenever a GPU is lent (one H100/H200; about 5 minutes, at most 8: every step has its own
+# `timeout`, so a hang costs that step, not the lease). From the repository root, after `pip install -e .`:
+#   bash bench/gpu_check.sh                 # all steps; the row goes to bench/results/gpu_check.jsonl
+#   bash bench/gpu_check.sh --dry-run       # print the steps and their timeouts, run nothing (a test does this)
+#   OUT=/some/folder RESULTS=/some/folder/gpu_check.jsonl bash bench/gpu_check.sh    # keep the runs and the row there
+# Steps: the device probe; eager training at batch 512 in bf16 and in float32 (images/s, final losses side by side);
+# torch.compile (inductor) at batch 4096 in bf16 (images/s, peak memory; the target is 30,000 images/s on one H100);
+# the seed notebook's loop on the same GPU (the reference); `--preset quality` for 200 steps with a validation (grid and
+# metrics), a checkpoint and the final pipeline, then a resume of its second half; `distill.py` for a few steps from
+# it. Then bench/gpu_report.py writes one row with its provenance from what the steps left in $OUT.
+# Where the copy being run has no .git (the device tool's), GIT_COMMIT=<hash> GIT_DIRTY=0 give the row its provenance.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-STEPS_512=${STEPS_512:-300}
-STEPS_4096=${STEPS_4096:-100}
-if [ "${1:-}" = "--quick" ]; then STEPS_512=100; STEPS_4096=40; fi
-COMPILE_BACKEND=${COMPILE_BACKEND:-inductor}
-OUT=$(mktemp -d)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package imports even where `pip install -e .` did not run
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TQDM_DISABLE=1
 
-python - <<'PY'
-import torch
-print("torch", torch.__version__, "| CUDA", torch.version.cuda)
-print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device (CPU)")
-PY
+DRY_RUN=0
+case "${1:-}" in
+  "") ;;
+  --dry-run) DRY_RUN=1 ;;
+  *) echo "usage: bash bench/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
+esac
+if [ "$DRY_RUN" = 1 ]; then OUT=${OUT:-OUT}; else OUT=${OUT:-$(mktemp -d)}; fi
+RESULTS=${RESULTS:-bench/results/gpu_check.jsonl}
+FAILED=0
 
-run() {  # name batch steps dynamo-backend(or no) extra-flags...
-  local name=$1 batch=$2 steps=$3 dynamo=$4; shift 4
-  python -m accelerate.commands.launch --config_file accelerate_configs/single_gpu.yaml --dynamo_backend "$dynamo" \
-    train_conditional.py \
-    --output_dir "$OUT/$name" --train_batch_size "$batch" --max_train_steps "$steps" \
-    --logging_steps $((steps / 2)) --mixed_precision bf16 --allow_tf32 --validation_images_per_label 0 \
-    --validation_grid_columns 1 --validation_num_inference_steps 1 --learning_rate 1e-3 "$@" > "$OUT/$name.log" 2>&1 \
-    || { tail -n 30 "$OUT/$name.log"; exit 1; }
-  python -c "import json; s = json.load(open('$OUT/$name/training_summary.json')); print(f\"$name: {s['images_per_s_last_window']:.0f} img/s steady (whole loop {s['images_per_s']:.0f}), peak GPU memory {s['peak_gpu_memory_mb']} MB\")"
+step() {  # name timeout-seconds command...: run one step under its own timeout, its output in $OUT/name.log
+  local name=$1 seconds=$2
+  shift 2
+  echo "step $name timeout $seconds s: $*"
+  [ "$DRY_RUN" = 1 ] && return 0
+  local started=$SECONDS
+  timeout --kill-after=10 "$seconds" "$@" > "$OUT/$name.log" 2>&1
+  local code=$?
+  echo "  $name: exit $code after $((SECONDS - started)) s" | tee -a "$OUT/steps.txt"
+  if [ "$code" != 0 ]; then FAILED=1; tail -n 20 "$OUT/$name.log"; fi
 }
 
-run eager_512 512 "$STEPS_512" no
-run compiled_512 512 "$STEPS_512" "$COMPILE_BACKEND"
-run eager_4096 4096 "$STEPS_4096" no
-run compiled_4096 4096 "$STEPS_4096" "$COMPILE_BACKEND"
+launch() {  # the real launcher on one GPU; the script and its flags follow
+  echo python -m accelerate.commands.launch --config_file accelerate_configs/single_gpu.yaml "$@"
+}
 
-python - "$OUT" <<'PY'
-import json, sys, time
-import torch
-from pipeline.loading import load_pipeline
-from pipeline.schedulers import set_scheduler
+TRAIN=(--validation_images_per_label 0 --validation_grid_columns 1 --validation_num_inference_steps 1 --logging_steps 50)
+QUALITY=(--preset quality --max_train_steps 200 --checkpointing_steps 100 --validation_steps 100
+         --validation_images_per_label 10 --classifier_train_samples 3000 --classifier_cache_dir "$OUT/classifier")
 
-out = sys.argv[1]
-figures = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
-for name in ("eager_512", "compiled_512", "eager_4096", "compiled_4096"):
-    summary = json.load(open(f"{out}/{name}/training_summary.json"))
-    figures[f"train_{name}_img_s"] = summary["images_per_s_last_window"]
-    figures[f"train_{name}_peak_gpu_mb"] = summary["peak_gpu_memory_mb"]
-pipe = load_pipeline(f"{out}/eager_512", dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-pipe.set_progress_bar_config(disable=True)
-set_scheduler(pipe, "dpm++")
-labels = list(range(10)) * 100
-pipe(labels[:10], num_inference_steps=2)  # warm-up
-if torch.cuda.is_available():
-    torch.cuda.synchronize()
-started = time.perf_counter()
-pipe(labels, num_inference_steps=10, output_type="pt")
-if torch.cuda.is_available():
-    torch.cuda.synchronize()
-figures["sampling_dpmpp10_bf16_img_s"] = round(len(labels) / (time.perf_counter() - started), 1)
-best = max(figures[key] for key in figures if key.startswith("train_") and key.endswith("img_s"))
-figures["best_train_img_s"] = best
-figures["seed_200_epochs_minutes_at_best"] = round(200 * 60000 / best / 60, 1)
-print(f"sampling: {figures['sampling_dpmpp10_bf16_img_s']} img/s (DPM-Solver++ 10 steps, bf16, 1000 images)")
-print(f"best training: {best:.0f} img/s -> the seed's 200 epochs in {figures['seed_200_epochs_minutes_at_best']} min")
-print(json.dumps(figures))
-PY
+step probe 45 python -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"
+step eager_bf16_512 45 $(launch) train_conditional.py --output_dir "$OUT/eager_bf16_512" --train_batch_size 512 \
+  --max_train_steps 150 --mixed_precision bf16 --allow_tf32 "${TRAIN[@]}"
+step eager_fp32_512 45 $(launch) train_conditional.py --output_dir "$OUT/eager_fp32_512" --train_batch_size 512 \
+  --max_train_steps 150 --mixed_precision no "${TRAIN[@]}"
+step compiled_bf16_4096 110 $(launch) --dynamo_backend inductor train_conditional.py \
+  --output_dir "$OUT/compiled_bf16_4096" --train_batch_size 4096 --max_train_steps 100 --mixed_precision bf16 \
+  --allow_tf32 "${TRAIN[@]}"
+step seed_loop_cuda 30 sh -c "python bench/seed_loop.py --device cuda --batch_size 512 --steps 50 > '$OUT/seed_loop.json'"
+step quality_200_steps 90 $(launch) train_conditional.py --output_dir "$OUT/quality" "${QUALITY[@]}"
+# The second half again, from the checkpoint at step 100, in a copy of the run.
+step quality_resume 45 sh -c "rm -rf '$OUT/resumed' && cp -r '$OUT/quality' '$OUT/resumed' \
+  && rm -rf '$OUT/resumed/checkpoints/checkpoint-200' && $(launch) train_conditional.py --output_dir '$OUT/resumed' \
+  ${QUALITY[*]} --resume_from_checkpoint latest"
+step distill 45 $(launch) distill.py --teacher "$OUT/quality" --output_dir "$OUT/distilled" --max_train_steps 20 \
+  --validation_images_per_label 10 --classifier_train_samples 3000 --classifier_cache_dir "$OUT/classifier"
+step report 25 python bench/gpu_report.py --out "$OUT" --results "$RESULTS"
+[ "$DRY_RUN" = 1 ] || echo "runs and logs in $OUT"
+exit $FAILED

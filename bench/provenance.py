@@ -63,14 +63,20 @@ def run_record() -> dict:
 
     Returns:
         `dict` with `argv` (`sys.argv` exactly as given: the script path and its arguments, so `python` followed by
-        them reruns the measurement from the repository root), `commit` (`git rev-parse HEAD`), `dirty` (uncommitted
-        code changes, see `is_dirty`), `date` (UTC, ISO 8601, seconds) and `machine` (CPU model, cores, architecture,
-        Python / torch / diffusers / accelerate versions and the CUDA device's name or None).
+        them reruns the measurement from the repository root), `commit` (`git rev-parse HEAD`; `$GIT_COMMIT` where
+        the tree has no .git), `dirty` (uncommitted code changes, see `is_dirty`; without .git, unless `$GIT_DIRTY`
+        is 0, True), `date` (UTC,
+        ISO 8601, seconds) and `machine` (CPU model, cores, architecture, Python / torch / diffusers / accelerate
+        versions and the CUDA device's name or None).
     """
+    try:
+        commit, dirty = _git("rev-parse", "HEAD").strip(), is_dirty()
+    except (OSError, subprocess.CalledProcessError):  # a copy of the tree without .git (the GPU machine's)
+        commit, dirty = os.environ.get("GIT_COMMIT", "unknown"), os.environ.get("GIT_DIRTY", "1") != "0"
     return {
         "argv": list(sys.argv),
-        "commit": _git("rev-parse", "HEAD").strip(),
-        "dirty": is_dirty(),
+        "commit": commit,
+        "dirty": dirty,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {
             "cpu": _cpu_model(),

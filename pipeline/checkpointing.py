@@ -17,10 +17,12 @@ import os
 import pickle
 import re
 import shutil
+import uuid
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list
 from diffusers import DiffusionPipeline
 from diffusers.training_utils import EMAModel
 from safetensors import SafetensorError
@@ -35,6 +37,7 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
 EMA_FILE = "ema_shadow_params.safetensors"
 PIPELINE_STAGING = ".pipeline.tmp"
+SHARED_FOLDER_MARKER = ".shared_folder_check"
 # Beyond the weights: configs, code files, RNG states, the sample grid and model card (each well under 1 MiB here).
 SLACK_BYTES = 2**20
 
@@ -104,6 +107,41 @@ def prepare_output_dir(
             shutil.rmtree(leftover)
         os.makedirs(output_dir, exist_ok=True)
     accelerator.wait_for_everyone()
+
+
+def check_shared_output_dir(accelerator: Accelerator, output_dir: str) -> None:
+    """Stop every process at once unless all of them see the folder the main process prepared (a collective).
+
+    Only the main process of the whole run writes checkpoints and the pipeline, and every process resumes from what it
+    finds in `output_dir`: machines that do not share the folder would resume from different steps and hang in the
+    first collective, or keep nothing on the other machines. The main process writes a random token into the folder;
+    each process reads it back from its own `output_dir`. The marker is removed when the run ends.
+    """
+    token = [uuid.uuid4().hex if accelerator.is_main_process else None]
+    marker = os.path.join(output_dir, SHARED_FOLDER_MARKER)
+    if accelerator.is_main_process:
+        with open(marker, "w") as file:
+            file.write(token[0])
+    broadcast_object_list(token)  # from the main process, after it wrote the file
+    try:
+        with open(marker) as file:
+            sees_it = file.read() == token[0]
+    except OSError:
+        sees_it = False
+    blind = accelerator.gather(torch.tensor([not sees_it], device=accelerator.device)).nonzero().flatten().tolist()
+    if blind:
+        raise UsageError(
+            f"--output_dir {output_dir!r} is not one folder shared by every machine: process(es) {blind} do not see "
+            "the file the main process wrote there. Pass a folder on a file system all machines share, under the "
+            "same path on each."
+        )
+
+
+def remove_shared_folder_marker(output_dir: str) -> None:
+    """Main process, at the end of a run: the marker of `check_shared_output_dir` is not part of the results."""
+    marker = os.path.join(output_dir, SHARED_FOLDER_MARKER)
+    if os.path.exists(marker):
+        os.remove(marker)
 
 
 def staging_leftovers(output_dir: str) -> list[str]:

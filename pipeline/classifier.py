@@ -160,7 +160,14 @@ def load_or_train_classifier(
         f"Training the evaluation classifier on {len(fit)} fit images, {num_steps} steps (once; about 3 minutes on 2 "
         f"CPU cores for MNIST; cached in {folder})."
     )
-    classifier = fit_classifier(fit, num_steps, seed=seed, description="Evaluation classifier (once)")
+    # On the CPU, so that every machine caches the same classifier. `accelerate launch` gives each process of a GPU
+    # run one thread (OMP_NUM_THREADS=1); the other processes wait meanwhile, so this once it takes every core.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, os.cpu_count() or 1))
+    try:
+        classifier = fit_classifier(fit, num_steps, seed=seed, description="Evaluation classifier (once)")
+    finally:
+        torch.set_num_threads(threads)
     record = {
         "test_accuracy": accuracy(classifier, load_split(dataset, "test", **asdict(data_format))),
         "validation_accuracy": accuracy(classifier, validation),

@@ -15,8 +15,13 @@ One loss evaluation, for a batch of clean images x0 and a DDIM grid of N steps o
 5. pseudo-Huber distance between the two (diffusers' default `huber_c` 0.001).
 """
 
+import copy
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
 import torch
 from diffusers import DDIMScheduler
+from diffusers.training_utils import EMAModel
 
 from .modeling_class_conditioned_unet import ClassConditionedUNet
 
@@ -117,3 +122,37 @@ class ConsistencyDistillation:
 
         # pseudo-Huber: like L2 near zero, like L1 for large errors (Song & Dhariwal 2023)
         return (((prediction - target) ** 2 + self.huber_c**2).sqrt() - self.huber_c).mean()
+
+
+class DistillationObjective:
+    """The training loop's objective for distillation: the consistency loss, with the student's EMA as the target
+    network (its weights live in the EMA, so checkpoints and exact resume need nothing more).
+
+    `student` is the prepared model, unwrapped: the target network is a copy of it, so it lives on the student's
+    device; its weights are replaced by the EMA's before every use. The teacher and the target run under
+    `autocast`, the training precision (accelerate autocasts only the prepared model itself).
+    """
+
+    def __init__(
+        self,
+        distillation: ConsistencyDistillation,
+        student: torch.nn.Module,
+        ema_model: EMAModel,
+        autocast: Callable[[], AbstractContextManager],
+    ):
+        self.distillation = distillation
+        self.ema_model = ema_model
+        self.autocast = autocast
+        self.target_network = copy.deepcopy(student).eval().requires_grad_(False)
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        clean_images: torch.Tensor,
+        class_labels: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        self.ema_model.copy_to(self.target_network.parameters())
+        with self.autocast():
+            return self.distillation(model, self.target_network, clean_images, class_labels, noise, timesteps)

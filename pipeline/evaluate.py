@@ -13,14 +13,17 @@ scored on its own; the JSON printed gives the mean and standard deviation over t
 """
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import os
 import statistics
 import sys
 from dataclasses import asdict, dataclass, replace
 
 import torch
+from accelerate import Accelerator
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from .classifier import MNISTClassifier, accuracy, fit_classifier, load_fit_and_validation, load_or_train_classifier
@@ -50,6 +53,12 @@ class EvaluationSet:
     # The reference's features, computed once and kept (reset_real_features=False): `reset()` drops only generated
     # features. Only the main process evaluates during training: syncing metric state would deadlock.
     frechet_distance: FrechetInceptionDistance
+
+    def to(self, device: torch.device | str) -> "EvaluationSet":
+        """Score on `device` (where the images are generated): the classifier and the FID's features move there."""
+        self.classifier.to(device)
+        self.frechet_distance.to(device)
+        return self
 
 
 def load_evaluation_set(
@@ -99,28 +108,41 @@ def generate_for_evaluation(
     seed: int = 0,
     batch_size: int = 500,
     guidance_interval: tuple[float, float] | None = None,
+    accelerator: Accelerator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images in [0, 1] and their requested labels, every class equally often, deterministic for a seed.
+    """Images in [0, 1] (float32, on the CPU) and their requested labels, every class equally often.
 
-    `None` steps or guidance (scale, interval) use the pipeline's saved defaults."""
+    Image i starts from the noise of its own generator, seeded with `seed` and i, so the images do not depend on how
+    they are batched or shared out. With `accelerator`, each process draws a contiguous share of them on its device
+    (under the training precision's autocast), and every process gets the whole set back in order: N processes
+    draw the same images as one, each drawing 1/N. `None` steps or guidance (scale, interval) use the pipeline's
+    saved defaults.
+    """
     num_classes = pipe.unet.config.num_classes
     labels = torch.arange(num_classes).repeat_interleave(num_images_per_label)
+    share = range(len(labels))
+    if accelerator is not None:
+        # Equal shares, so the gather has equal shapes; indices past the end are padding, drawn and then dropped.
+        per_process = math.ceil(len(labels) / accelerator.num_processes)
+        share = range(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
+    indices = [min(index, len(labels) - 1) for index in share]
     batches = []
-    for index, start in enumerate(range(0, len(labels), batch_size)):
-        generator = torch.Generator().manual_seed(seed * 100_003 + index)
-        batches.append(
-            pipe(
-                labels[start : start + batch_size].tolist(),
+    for start in range(0, len(indices), batch_size):
+        batch = indices[start : start + batch_size]
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+            images = pipe(
+                labels[batch].tolist(),
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 guidance_interval=guidance_interval,
-                generator=generator,
+                generator=[torch.Generator().manual_seed(seed * 1_000_003 + index) for index in batch],
                 output_type="pt",
-            )
-            .images.float()
-            .cpu()
-        )
-    return torch.cat(batches), labels
+            ).images
+        batches.append(images.float())
+    images = torch.cat(batches)
+    if accelerator is not None:
+        images = accelerator.gather_for_metrics(images.contiguous())[: len(labels)]
+    return images.cpu(), labels
 
 
 def draw_like(pool: ImageClassData, labels: torch.Tensor, seed: int) -> ImageClassData:
@@ -144,7 +166,8 @@ def score_images(images: torch.Tensor, labels: torch.Tensor, evaluation_set: Eva
     """Conditional accuracy, FID against the reference, and the real-data floor: the same distance for real digits
     with the same labels, drawn from the floor's pool with `seed`."""
     classifier = evaluation_set.classifier
-    predictions = torch.cat([classifier.classify(batch).argmax(1) for batch in images.split(1000)])
+    device = next(classifier.parameters()).device  # see EvaluationSet.to
+    predictions = torch.cat([classifier.classify(batch.to(device)).argmax(1).cpu() for batch in images.split(1000)])
     correct = predictions == labels
     per_class = {str(c): round(correct[labels == c].float().mean().item(), 4) for c in labels.unique().tolist()}
 
@@ -153,7 +176,7 @@ def score_images(images: torch.Tensor, labels: torch.Tensor, evaluation_set: Eva
     def frechet_distance(generated: torch.Tensor) -> float:
         metric.reset()  # drops the previous generated features only
         for batch in generated.split(1000):
-            metric.update(batch, real=False)
+            metric.update(batch.to(device), real=False)
         return round(metric.compute().item(), 4)
 
     real = draw_like(evaluation_set.floor_pool, labels, seed)
@@ -227,7 +250,7 @@ def evaluate(
     data_format = replace(data_format, resolution=pipe.unet.config.sample_size)
     evaluation_set = load_evaluation_set(
         dataset, reference, classifier_cache_dir, classifier_train_samples, data_format
-    )
+    ).to(pipe.device)
     if evaluation_set.fit.image_shape[0] != pipe.unet.config.in_channels:
         raise UsageError(
             f"The model makes {pipe.unet.config.in_channels}-channel images but {dataset!r} (column "

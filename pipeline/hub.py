@@ -72,7 +72,7 @@ Dataset: {dataset}. {training_line}
 """
 
 CONFIG_KEYS = [
-    "image_column", "label_column", "resolution",
+    "image_column", "label_column", "resolution", "global_batch_size",
     "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps",
     "num_epochs", "max_train_steps", "use_ema", "class_dropout_prob", "num_train_timesteps", "beta_schedule",
     "prediction_type", "snr_gamma", "block_out_channels", "layers_per_block", "down_block_types", "class_emb_size",

@@ -1,7 +1,13 @@
 """Named training recipes for `train_conditional.py --preset NAME`: defaults that explicit flags still override.
 
-Every value was chosen by measurement; bench/quality.py reproduces the rows in README's quality table.
+Every value was chosen by measurement; bench/quality.py reproduces the rows in README's quality table. A preset's
+batch is global (images per optimizer step over all processes), so it is one recipe on any number of processes:
+`resolve_batch_size` derives the per-process batch from the launch.
 """
+
+import argparse
+
+from .errors import UsageError
 
 # `quick`, made for a 2-core CPU (15 minutes): 2,000 steps of 64 images. A fifth of the seed's width, self-attention
 # kept at 14x14 and 7x7 (attention at 7x7 only trains 1.4x faster per image but samples far worse: row
@@ -18,7 +24,7 @@ QUICK: dict = {
     "layers_per_block": 1,
     "attention_head_dim": 32,
     "time_class_embedding": True,
-    "train_batch_size": 64,
+    "global_batch_size": 64,
     "max_train_steps": 2000,
     "learning_rate": 2e-3,
     "lr_scheduler": "cosine",
@@ -44,7 +50,7 @@ PRESETS: dict[str, dict] = {
         "class_emb_size": 4,
         "norm_num_groups": 32,
         "time_class_embedding": False,
-        "train_batch_size": 512,
+        "global_batch_size": 512,
         "learning_rate": 1e-3,
         "lr_scheduler": "constant",
         "lr_warmup_steps": 0,
@@ -84,7 +90,7 @@ PRESETS: dict[str, dict] = {
         "layers_per_block": 1,
         "norm_num_groups": 8,
         "time_class_embedding": True,
-        "train_batch_size": 64,
+        "global_batch_size": 64,
         "max_train_steps": 300,
         "learning_rate": 5e-3,
         "lr_scheduler": "cosine",
@@ -108,7 +114,7 @@ PRESETS: dict[str, dict] = {
         "block_out_channels": [32, 64, 64],
         "layers_per_block": 2,
         "time_class_embedding": True,
-        "train_batch_size": 512,
+        "global_batch_size": 512,
         "num_epochs": 50,
         "learning_rate": 1e-3,
         "lr_scheduler": "cosine",
@@ -125,3 +131,23 @@ PRESETS: dict[str, dict] = {
         "default_guidance_scale": 2.0,
     },
 }
+
+
+def resolve_batch_size(args: argparse.Namespace, num_processes: int) -> None:
+    """Settle `args.train_batch_size` (per process, diffusers' convention) and `args.global_batch_size` together.
+
+    An explicit `--train_batch_size` keeps its per-process meaning and the global batch follows from the launch.
+    Otherwise the global batch (a preset's, `--global_batch_size`'s or the seed's 512) is the recipe, and each process
+    takes its share: 512 is 512 per process on one GPU and 64 per process on eight, so the optimizer steps, the epochs
+    and the LR schedule are the same on any number of processes.
+    """
+    shares = num_processes * args.gradient_accumulation_steps
+    if args.train_batch_size is None:
+        if args.global_batch_size % shares:
+            raise UsageError(
+                f"The global batch {args.global_batch_size} does not split evenly over {num_processes} processes x "
+                f"{args.gradient_accumulation_steps} accumulation steps; launch a number of processes that divides "
+                "it, or pass --global_batch_size or --train_batch_size (per process)."
+            )
+        args.train_batch_size = args.global_batch_size // shares
+    args.global_batch_size = args.train_batch_size * shares

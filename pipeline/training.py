@@ -7,7 +7,6 @@ of the run (final pipeline, summary, model card).
 """
 
 import argparse
-import copy
 import functools
 import json
 import logging
@@ -18,12 +17,19 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import (
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
 from diffusers import DDIMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
@@ -32,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .batches import draw_global_batch_noise, epoch_permutation, local_chunk
 from .checkpointing import (
+    check_shared_output_dir,
     checkpoint_bytes,
     ensure_free_space,
     find_checkpoint,
@@ -39,11 +46,12 @@ from .checkpointing import (
     load_checkpoint,
     pipeline_bytes,
     prepare_output_dir,
+    remove_shared_folder_marker,
     save_checkpoint,
     save_pipeline,
 )
 from .data import DataFormat, ImageClassData, load_split
-from .distillation import ConsistencyDistillation
+from .distillation import ConsistencyDistillation, DistillationObjective
 from .errors import TrainingError, UsageError
 from .evaluate import EvaluationSet, load_evaluation_set
 from .hub import push_folder, write_model_card
@@ -62,6 +70,7 @@ from .validation import (
 
 logger = get_logger(__name__)
 
+T = TypeVar("T")
 CPU_MICRO_BATCH_SIZE = 128  # the fastest micro-batch for the seed model on a 2-core AVX2 CPU (bench/)
 
 
@@ -161,27 +170,6 @@ def load_teacher(args: argparse.Namespace, label_names: list[str], device: torch
     return teacher.to(device).eval().requires_grad_(False)
 
 
-def distillation_objective(
-    args: argparse.Namespace,
-    teacher: ClassConditionedUNet,
-    student: ClassConditionedUNet,
-    ema_model: EMAModel,
-    noise_scheduler: DDIMScheduler,
-) -> Callable[..., torch.Tensor]:
-    """Distillation's objective: the consistency loss against the teacher, with the student's EMA as the target
-    network (its weights live in the EMA, so checkpoints and exact resume need nothing more)."""
-    distillation = ConsistencyDistillation(
-        teacher, noise_scheduler, args.teacher_guidance_scale, args.num_ddim_timesteps, args.huber_c
-    )
-    target_network = copy.deepcopy(student).eval().requires_grad_(False)
-
-    def objective(model, clean_images, class_labels, noise, timesteps):
-        ema_model.copy_to(target_network.parameters())
-        return distillation(model, target_network, clean_images, class_labels, noise, timesteps)
-
-    return objective
-
-
 def build_pipeline(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -189,19 +177,19 @@ def build_pipeline(
     noise_scheduler: DDIMScheduler,
     args: argparse.Namespace,
 ) -> ClassConditionedDDIMPipeline:
-    """A pipeline around a float32 copy of the trained weights (EMA weights when EMA is on). Call on every process.
+    """A pipeline around a float32 copy of the trained weights (EMA weights when EMA is on), on the accelerator's
+    device so that validation samples there. Call on every process.
 
     It carries the run's sampling defaults (`--default_scheduler`, `--default_num_inference_steps`,
     `--default_guidance_scale`, `--default_guidance_interval`), so that `pipe(class_labels)` uses the recipe's best
     measured setting.
 
-    `get_state_dict` gathers sharded weights under FSDP/DeepSpeed (a collective, hence every process) and strips the
-    DDP wrapper; the copy leaves the model being trained untouched.
+    `get_state_dict` strips the DDP wrapper; the copy leaves the model being trained untouched.
     """
     state_dict = accelerator.get_state_dict(model)
     # torch.compile's wrapper prefixes every key; the saved model is the plain module.
     state_dict = {name.removeprefix("_orig_mod."): tensor for name, tensor in state_dict.items()}
-    unet = ClassConditionedUNet.from_config(accelerator.unwrap_model(model).config)
+    unet = ClassConditionedUNet.from_config(accelerator.unwrap_model(model).config).to(accelerator.device)
     unet.load_state_dict(state_dict)
     if ema_model is not None:
         ema_model.copy_to(unet.parameters())
@@ -212,6 +200,7 @@ def build_pipeline(
         default_guidance_scale=args.default_guidance_scale,
         default_guidance_interval=list(args.default_guidance_interval),
     )
+    check_devices(accelerator.device, {"validation pipeline": pipeline.unet})
     set_scheduler(pipeline, args.default_scheduler)
     if args.teacher:  # a distilled student samples on the DDIM grid it was distilled on (LCMScheduler's k)
         pipeline.scheduler.register_to_config(original_inference_steps=args.num_ddim_timesteps)
@@ -240,7 +229,12 @@ def train(args: argparse.Namespace) -> None:
     # Every micro-batch is one accelerate accumulation step; gradients are synced once per optimizer step.
     micro_steps = args.gradient_accumulation_steps * (args.train_batch_size // micro_batch_size)
     trackers = tracker_names(args.report_to)
+    refuse_sharding()
     accelerator = Accelerator(
+        # Validation and the first run's evaluation-classifier training keep the other processes waiting in a
+        # collective for minutes; torch's default timeout (10 minutes for NCCL) would kill the run (diffusers' examples
+        # pass 7200 s the same way).
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=micro_steps,
         log_with=trackers or None,
@@ -258,6 +252,7 @@ def train(args: argparse.Namespace) -> None:
     logger.info(accelerator.state, main_process_only=False)
     check_launch(accelerator, args)
     prepare_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    check_shared_output_dir(accelerator, args.output_dir)  # several machines: one folder, seen by all of them
 
     # 2. data: decoded once into a uint8 tensor that lives on the training device (or, for a split too large for
     # memory, read per batch from the memory-mapped datasets cache)
@@ -303,10 +298,6 @@ def train(args: argparse.Namespace) -> None:
         prediction_type=args.prediction_type,
         timestep_spacing="leading",  # DDIM's default, written out so the saved config and every sampler keep it
     )
-    if teacher is None:
-        objective = functools.partial(denoising_loss, noise_scheduler=noise_scheduler, snr_gamma=args.snr_gamma)
-    else:
-        objective = distillation_objective(args, teacher, model, ema_model, noise_scheduler)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
     # Found now rather than after hours of training: room for a checkpoint and the final pipeline.
     checkpoint_size, pipeline_size = checkpoint_bytes(model, ema_model), pipeline_bytes(model)
@@ -329,6 +320,19 @@ def train(args: argparse.Namespace) -> None:
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
     )
     model, optimizer = accelerator.prepare(model, optimizer)
+    target_network = None
+    if teacher is None:
+        objective = functools.partial(denoising_loss, noise_scheduler=noise_scheduler, snr_gamma=args.snr_gamma)
+    else:  # the target network is built beside the prepared student, so on its device
+        distillation = ConsistencyDistillation(
+            teacher, noise_scheduler, args.teacher_guidance_scale, args.num_ddim_timesteps, args.huber_c
+        )
+        student = accelerator.unwrap_model(model, keep_torch_compile=False)
+        objective = DistillationObjective(distillation, student, ema_model, accelerator.autocast)
+        target_network = objective.target_network
+    modules = {"model": model, "EMA": ema_model, "teacher": teacher, "target network": target_network}
+    check_devices(accelerator.device, modules)
+    logger.info(f"On {accelerator.device}: {', '.join(name for name, module in modules.items() if module is not None)}")
     # What a checkpoint's data position and noise mean; resuming under other values would not continue the run.
     run_state = {"seed": args.seed, "global_batch_size": global_batch_size, "max_train_samples": num_samples}
     if args.teacher:
@@ -350,6 +354,7 @@ def train(args: argparse.Namespace) -> None:
         project, init_kwargs = tracker_init_kwargs(args, trackers, saved_state.get("wandb_run_id"))
         accelerator.init_trackers(project, config=tracker_config(args), init_kwargs=init_kwargs)
     evaluation = load_validation_evaluation(accelerator, args)
+    check_devices(accelerator.device, {"evaluation classifier": evaluation and evaluation.classifier})
     log_banner(args, num_samples, steps_per_epoch, max_train_steps, global_batch_size, micro_batch_size, micro_steps)
 
     # Train!
@@ -423,24 +428,24 @@ def train(args: argparse.Namespace) -> None:
         if stop_requested:
             raise stop_signals.stopped_error(global_step, max_train_steps, checkpoint)
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < max_train_steps:
-            pipeline = build_pipeline(accelerator, model, ema_model, noise_scheduler, args)  # every process (gathers)
-            if accelerator.is_main_process:
-                log_validation(accelerator, pipeline, args, global_step, evaluation)
-            accelerator.wait_for_everyone()
+            pipeline = build_pipeline(accelerator, model, ema_model, noise_scheduler, args)
+            log_validation(accelerator, pipeline, args, global_step, evaluation)  # every process draws its share
 
     # 7. the final pipeline: exactly what `ClassConditionedDDIMPipeline.from_pretrained(output_dir)` loads
     progress_bar.close()
     accelerator.wait_for_everyone()
     divergence.raise_if_diverged(args.output_dir)
     pipeline = build_pipeline(accelerator, model, ema_model, noise_scheduler, args)
+    # Saved before the final validation, so that nothing after it can cost the trained weights.
+    on_main_process(accelerator, lambda: save_pipeline(pipeline, args.output_dir, needed_bytes=pipeline_size))
+    logger.info(f"Saved the pipeline to {args.output_dir}")
+    final_metrics = log_validation(accelerator, pipeline, args, global_step, evaluation)
     if accelerator.is_main_process:
-        save_pipeline(pipeline, args.output_dir, needed_bytes=pipeline_size)
-        logger.info(f"Saved the pipeline to {args.output_dir}")
-        final_metrics = log_validation(accelerator, pipeline, args, global_step, evaluation)
         write_run_summary(accelerator, model, args, pipeline, window, run_time, final_metrics,
                           global_step=global_step, steps_this_run=global_step - first_step)  # fmt: skip
         if args.wandb_log_model and wandb_run_id(accelerator):
             log_model_artifact(accelerator, args.output_dir)
+        remove_shared_folder_marker(args.output_dir)
     accelerator.end_training()
 
     if args.push_to_hub and accelerator.is_main_process:
@@ -465,14 +470,51 @@ def check_launch(accelerator: Accelerator, args: argparse.Namespace) -> None:
         )
 
 
+def refuse_sharding() -> None:
+    """Stop with one line when the launcher asked for FSDP or DeepSpeed (it says so in its environment variables).
+
+    Checked before the accelerator is built: on a machine without a GPU accelerate fails there with its own traceback
+    for FSDP, and quietly falls back to DDP for DeepSpeed.
+    """
+    for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(variable, "").lower() == "true":
+            raise UsageError(
+                f"This script trains with DDP; {name} is not supported (the models fit on one device, and accelerate "
+                f"1.15 runs {name} on GPUs only, so no test here could check it). Launch with "
+                "accelerate_configs/multi_gpu.yaml or multi_node.yaml instead."
+            )
+
+
+def check_devices(device: torch.device, modules: dict[str, torch.nn.Module | EMAModel | None]) -> None:
+    """Every module a run uses lives on the accelerator's `device`; raise naming any that does not.
+
+    A module left on the CPU of a GPU run fails at its first call with a device-mismatch error (or, for evaluation,
+    runs on one CPU thread while the GPUs idle). A bug, not bad input: a plain RuntimeError with its traceback.
+    """
+    misplaced = []
+    for name, module in modules.items():
+        if module is None:
+            continue
+        tensors = module.shadow_params if isinstance(module, EMAModel) else [*module.parameters(), *module.buffers()]
+        # "cpu" and "cpu:0" are one device; so are "cuda:0" and the accelerator's "cuda" of process 0
+        elsewhere = {str(tensor.device) for tensor in tensors
+                     if (tensor.device.type, tensor.device.index or 0) != (device.type, device.index or 0)}  # fmt: skip
+        if elsewhere:
+            misplaced.append(f"{name} on {', '.join(sorted(elsewhere))}")
+    if misplaced:
+        raise RuntimeError(f"Not on the accelerator's device {device}: {'; '.join(misplaced)}.")
+
+
 def load_validation_evaluation(accelerator: Accelerator, args: argparse.Namespace) -> EvaluationSet | None:
     """The main process's evaluation set for the validation metrics (None when they are off or on other processes).
 
     It scores against the validation reference: what training shows may steer choices, so it never scores the model
     against the test split. The classifier is trained once per dataset and cached.
     """
-    evaluation = None
-    if accelerator.is_main_process and args.validation_images_per_label:
+    if not args.validation_images_per_label:
+        return None
+
+    def load() -> EvaluationSet:
         data_format = DataFormat(args.image_column, args.label_column, args.resolution)
         evaluation = load_evaluation_set(
             args.dataset, "validation", args.classifier_cache_dir, args.classifier_train_samples, data_format
@@ -483,8 +525,27 @@ def load_validation_evaluation(accelerator: Accelerator, args: argparse.Namespac
                 f"--validation_images_per_label {args.validation_images_per_label} is more than the real-data floor's "
                 f"pool holds for its smallest class ({smallest_class}); lower it."
             )
-    accelerator.wait_for_everyone()
-    return evaluation
+        return evaluation.to(accelerator.device)  # scored where the images are drawn
+
+    return on_main_process(accelerator, load)
+
+
+def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T | None:
+    """`work()` on the main process while the others wait (None there). A `UsageError` or `TrainingError` it raises
+    is raised on every process, so that the others stop with it instead of waiting in the next collective."""
+    result, error, failure = None, None, [None]
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except (UsageError, TrainingError) as caught:
+            error, failure = caught, [(type(caught), str(caught), caught.exit_code)]
+    broadcast_object_list(failure)  # a collective: also the others' wait for the main process
+    if error is not None:
+        raise error
+    if failure[0] is not None:
+        error_type, message, exit_code = failure[0]
+        raise UsageError(message) if error_type is UsageError else TrainingError(message, exit_code)
+    return result
 
 
 def log_banner(
@@ -632,6 +693,7 @@ def write_run_summary(
         "mixed_precision": accelerator.mixed_precision,
         "device": accelerator.device.type,
         "compiled": is_compiled_module(model),  # what prepare() returned, not just what was asked for
+        "process_group_timeout_s": process_group_timeout_s(),
         "wall_time_s": round(run_time.segment_s(), 2),  # this segment (process start to summary)
         "total_train_time_s": run_time.total_s(),
         "segments": run_time.segment,
@@ -649,6 +711,17 @@ def write_run_summary(
         json.dump(summary, file, indent=2)
     write_model_card(args.output_dir, vars(args), summary, pipeline.unet.config.id2label,
                      type(pipeline.scheduler).__name__)  # fmt: skip
+
+
+def process_group_timeout_s() -> float | None:
+    """The collective timeout the default process group really has (None in a single-process run)."""
+    if not torch.distributed.is_initialized():
+        return None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:  # private in torch 2.14: a diagnostic for the summary, never a reason to fail a finished run
+        return torch.distributed.group.WORLD._get_backend(device).options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def tracker_config(args: argparse.Namespace) -> dict:

@@ -2,10 +2,10 @@
 
 import argparse
 import logging
+import math
 import os
 
 import numpy as np
-import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
@@ -100,11 +100,14 @@ def log_validation(
     step: int,
     evaluation: EvaluationSet | None,
 ) -> dict:
-    """Main process only: log a grid with one row per class, drawn from the same noise every time so that grids
-    compare across steps and runs, and the metrics when `evaluation` is given (during training: against the
-    validation reference: the model is never scored against the test split). The grid is saved as samples.png.
+    """Every process: a grid with one row per class, drawn from the same noise every time so that grids compare across
+    steps and runs, and the metrics when `--validation_images_per_label` asks for them (against the validation
+    reference: the model is never scored against the test split). Each process samples its share on its device in
+    the training precision (`generate_for_evaluation`); the main process, which holds `evaluation`, scores the
+    gathered images, saves the grid as samples.png and logs both.
 
-    Returns the metrics and the sampling settings they were measured with (empty without `evaluation`).
+    Returns, on the main process, the metrics and the sampling settings they were measured with (empty without
+    metrics, and on the other processes).
     """
     pipe.set_progress_bar_config(disable=True)
     num_inference_steps = args.validation_num_inference_steps
@@ -113,23 +116,19 @@ def log_validation(
     guidance_scale = args.validation_guidance_scale
     if guidance_scale is None:
         guidance_scale = pipe.config.default_guidance_scale
+    sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=args.seed,
+                    accelerator=accelerator)  # fmt: skip
+    grid_images, _ = generate_for_evaluation(pipe, args.validation_grid_columns, **sampling)
+    if args.validation_images_per_label:
+        images, labels = generate_for_evaluation(pipe, args.validation_images_per_label, **sampling)
+    if not accelerator.is_main_process:
+        return {}
     class_names = list(pipe.unet.config.id2label.values())
-    images = pipe(
-        class_labels=list(range(len(class_names))),
-        num_images_per_label=args.validation_grid_columns,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        generator=torch.Generator().manual_seed(args.seed),
-        output_type="pt",
-    ).images
-    grid = labelled_grid(images, class_names, columns=args.validation_grid_columns)
+    grid = labelled_grid(grid_images, class_names, columns=args.validation_grid_columns)
     grid.save(os.path.join(args.output_dir, "samples.png"))
 
     metrics = {}
     if evaluation is not None:
-        images, labels = generate_for_evaluation(
-            pipe, args.validation_images_per_label, num_inference_steps, guidance_scale, seed=args.seed
-        )
         scores = score_images(images, labels, evaluation, seed=args.seed)
         metrics = {
             "cond_accuracy": scores["cond_accuracy"]["overall"],
@@ -143,6 +142,10 @@ def log_validation(
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             scheduler=type(pipe.scheduler).__name__,
+            # where and how they were drawn: each process's share, on the accelerator's device
+            device=accelerator.device.type,
+            precision=accelerator.mixed_precision,
+            images_per_process=math.ceil(len(labels) / accelerator.num_processes),
         )
 
     caption = f"step {step}: one row per class, fixed noise, {num_inference_steps} steps, guidance {guidance_scale}"

@@ -111,8 +111,17 @@ def distill_flags(teacher_dir: Path, output_dir: Path, *extra: str) -> list[str]
 @pytest.fixture(scope="module")
 def student_dir(teacher_dir, tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("student") / "run"
-    run_cli([*DISTILL, *distill_flags(teacher_dir, output_dir, "--max_train_steps", "6", "--checkpointing_steps", "3")])
+    result = run_cli([*DISTILL, *distill_flags(teacher_dir, output_dir, "--max_train_steps", "6",
+                                               "--checkpointing_steps", "3")])  # fmt: skip
+    (output_dir.parent / "distill.log").write_text(result.stdout + result.stderr)
     return output_dir
+
+
+def test_every_module_of_distillation_is_on_the_accelerators_device(student_dir):
+    # The set-up's device check ran over all four (it raises otherwise; tests/test_launch_setup.py shows it catching
+    # a module left elsewhere, and the target network following the prepared student).
+    log = (student_dir.parent / "distill.log").read_text()
+    assert "On cpu: model, EMA, teacher, target network" in log
 
 
 def test_student_loads_three_ways_and_samples_with_its_saved_steps(student_dir, tmp_path):

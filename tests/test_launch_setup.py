@@ -1,0 +1,99 @@
+"""What a GPU launch depends on, checked in-process on the CPU: the batch a preset resolves to per process, the
+refused sharding back-ends, the device check of every module, validation noise that does not depend on how the
+images are shared out, and the GPU check's step list. The launches themselves are in test_distributed.py."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from diffusers.training_utils import EMAModel
+
+import train_conditional
+from pipeline.distillation import ConsistencyDistillation, DistillationObjective
+from pipeline.errors import UsageError
+from pipeline.evaluate import generate_for_evaluation
+from pipeline.training import check_devices, refuse_sharding
+from tests.conftest import REPO_ROOT, exit_code_and_stderr
+
+
+@pytest.mark.parametrize("processes, per_process", [(1, 512), (2, 256), (8, 64), (16, 32)])
+def test_a_preset_keeps_its_global_batch_on_any_number_of_processes(monkeypatch, processes, per_process):
+    monkeypatch.setenv("WORLD_SIZE", str(processes))  # what accelerate launch / torchrun set
+    args = train_conditional.parse_args(["--preset", "quality"])
+    assert (args.global_batch_size, args.train_batch_size) == (512, per_process)
+
+
+def test_an_explicit_per_process_batch_keeps_its_meaning(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    args = train_conditional.parse_args(["--preset", "quality", "--train_batch_size", "100"])
+    assert (args.train_batch_size, args.global_batch_size) == (100, 800)
+    args = train_conditional.parse_args(["--global_batch_size", "64", "--gradient_accumulation_steps", "2"])
+    assert (args.train_batch_size, args.global_batch_size) == (4, 64)
+
+
+def test_a_global_batch_that_does_not_split_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    code, stderr = exit_code_and_stderr(train_conditional.parse_args, ["--preset", "quick"], capsys)
+    assert code == 2 and "global batch 64 does not split evenly over 3 processes" in stderr, stderr
+
+
+def test_print_config_shows_the_per_process_batch(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        train_conditional.parse_args(["--preset", "quality", "--print_config"])
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["global_batch_size"], printed["train_batch_size"]) == (512, 256)
+
+
+@pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_sharding_back_ends_are_refused(monkeypatch, variable, name):
+    refuse_sharding()  # a plain launch passes
+    monkeypatch.setenv(variable, "true")  # what `accelerate launch` sets for an FSDP or DeepSpeed config
+    with pytest.raises(UsageError, match=f"{name} is not supported"):
+        refuse_sharding()
+
+
+def test_the_device_check_names_a_module_left_elsewhere(tiny_unet):
+    ema = EMAModel(tiny_unet.parameters())
+    check_devices(torch.device("cpu:0"), {"model": tiny_unet, "EMA": ema, "teacher": None})  # "cpu" is "cpu:0"
+    with pytest.raises(RuntimeError, match=r"target network on meta") as error:
+        check_devices(torch.device("cpu"), {"model": tiny_unet, "target network": tiny_unet.to_empty(device="meta")})
+    assert "model on meta" in str(error.value)  # the same module object: both names are reported
+    ema.shadow_params = [tensor.to("meta") for tensor in ema.shadow_params]
+    with pytest.raises(RuntimeError, match="EMA on meta"):
+        check_devices(torch.device("cpu"), {"EMA": ema})
+
+
+def test_the_target_network_lives_where_the_prepared_student_lives(tiny_unet):
+    # On a GPU the student is moved by accelerator.prepare; a target copied before that stayed on the CPU. Here the
+    # "prepared" student is on the meta device: the target must follow it there.
+    ema = EMAModel(tiny_unet.parameters())
+    distillation = ConsistencyDistillation(tiny_unet, DDIMScheduler(), guidance_scale=1.0, num_ddim_timesteps=10)
+    objective = DistillationObjective(distillation, tiny_unet.to_empty(device="meta"), ema, torch.autocast("cpu"))
+    assert {parameter.device.type for parameter in objective.target_network.parameters()} == {"meta"}
+
+
+def test_evaluation_images_do_not_depend_on_batching(tiny_pipe):
+    # Each image has its own noise, so shares of any size (processes, batches) draw the same images.
+    whole, labels = generate_for_evaluation(tiny_pipe, 3, num_inference_steps=2, seed=1)
+    batched, same_labels = generate_for_evaluation(tiny_pipe, 3, num_inference_steps=2, seed=1, batch_size=4)
+    assert torch.equal(labels, same_labels) and labels.tolist() == [c for c in range(10) for _ in range(3)]
+    torch.testing.assert_close(batched, whole, rtol=0, atol=1e-5)  # float rounding differs with the batch size
+    other_seed, _ = generate_for_evaluation(tiny_pipe, 3, num_inference_steps=2, seed=2)
+    assert (other_seed - whole).abs().max() > 0.1
+
+
+def test_gpu_check_dry_run_lists_every_step_with_its_own_timeout():
+    result = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    names = [line.split()[1] for line in steps]
+    assert names == ["probe", "eager_bf16_512", "eager_fp32_512", "compiled_bf16_4096", "seed_loop_cuda",
+                     "quality_200_steps", "quality_resume", "distill", "report"]  # fmt: skip
+    assert all(" timeout " in line for line in steps)
+    assert sum(int(line.split(" timeout ")[1].split()[0]) for line in steps) <= 8 * 60  # fits one lease
+    bad = subprocess.run(["bash", "bench/gpu_check.sh", "--nonsense"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
