@@ -130,11 +130,13 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
         private: bool | None = None,
         commit_message: str | None = None,
         create_pr: bool = False,
+        safe_serialization: bool = True,
         **kwargs,
     ):
         r"""
         [`DiffusionPipeline.save_pretrained`] plus the code, so that the folder also loads without this package:
-        `DiffusionPipeline.from_pretrained(save_directory, trust_remote_code=True)`.
+        `DiffusionPipeline.from_pretrained(save_directory, trust_remote_code=True)`. Weights are always written as
+        safetensors, the only format this pipeline loads.
 
         Args:
             save_directory (`str` or `os.PathLike`):
@@ -154,11 +156,19 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
                 `None` commits "Upload ClassConditionedDDIMPipeline".
             create_pr (`bool`, *optional*, defaults to `False`):
                 Open a pull request instead of committing to the main branch.
+            safe_serialization (`bool`, *optional*, defaults to `True`):
+                `False` (pickle `.bin` weights, which can run code when loaded) is not honoured: the weights are
+                written as safetensors anyway, with a warning, so that `from_pretrained` loads what was saved.
             kwargs:
-                Passed to [`DiffusionPipeline.save_pretrained`] (`safe_serialization`, `variant`, ...).
+                Passed to [`DiffusionPipeline.save_pretrained`] (`variant`, `max_shard_size`, ...).
         """
+        if not safe_serialization:
+            logger.warning(
+                "ClassConditionedDDIMPipeline writes safetensors weights only (pickle weights can run code when "
+                "loaded, and this pipeline never reads them): ignoring safe_serialization=False."
+            )
         # Not passing push_to_hub on: diffusers would upload before the code files below exist.
-        super().save_pretrained(save_directory, **kwargs)
+        super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
         # The pipeline file at the root, the model file beside it (for its relative import) and in unet/.
         model_file = inspect.getsourcefile(ClassConditionedUNet)
         shutil.copyfile(__file__, os.path.join(save_directory, f"{PIPELINE_FILE_STEM}.py"))
