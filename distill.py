@@ -55,6 +55,13 @@ def parse_distill_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parse_args(argv, parser)
     if args.default_scheduler != "lcm":
         parser.error("a consistency-distilled student samples with --default_scheduler lcm only")
+    teacher, output = (os.path.realpath(path) for path in (args.teacher, args.output_dir))
+    if os.path.commonpath([teacher, output]) in (teacher, output):  # the same folder, or one inside the other
+        parser.error(
+            f"--output_dir {args.output_dir!r} and --teacher {args.teacher!r} overlap (the same folder, or one inside "
+            "the other): the student would overwrite its teacher. Pass another --output_dir (--overwrite_output_dir "
+            "does not change this)"
+        )
     adopt_teacher_settings(parser, args)
     return args
 

@@ -127,11 +127,21 @@ def main(args: argparse.Namespace) -> None:
     if args.output_dir:
         from torchvision.utils import save_image
 
+        from pipeline.run_folder import locked_folder
+
         try:
-            os.makedirs(args.output_dir, exist_ok=True)
-            for index, image in enumerate(images):
-                name = row_names[index // args.num_images_per_label].replace("/", "_")
-                save_image(image.float(), os.path.join(args.output_dir, f"{index:04d}_{name}.png"))
+            with locked_folder(args.output_dir, "--output_dir"):  # one writer at a time
+                for index, image in enumerate(images):
+                    name = row_names[index // args.num_images_per_label].replace("/", "_")
+                    path = os.path.join(args.output_dir, f"{index:04d}_{name}.png")
+                    # Written whole under a temporary name, then renamed: an interrupted run leaves no broken PNG.
+                    partial = os.path.join(args.output_dir, f".{index:04d}.partial")
+                    try:
+                        save_image(image.float(), partial, format="png")
+                        os.replace(partial, path)
+                    finally:
+                        if os.path.exists(partial):
+                            os.remove(partial)
         except OSError as error:
             raise UsageError(f"Cannot write into --output_dir {args.output_dir!r}: {error}") from error
         print(f"Wrote {len(images)} PNG files to {args.output_dir}")
@@ -145,6 +155,9 @@ def cli(argv: list[str] | None = None) -> None:
     except UsageError as error:  # one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: every image already written is complete (see main)
+        print("error: interrupted; the images written so far are complete", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.checkpointing import SHARED_FOLDER_MARKER
 from pipeline.errors import UsageError
 from pipeline.presets import PRESETS, resolve_batch_size
 from pipeline.schedulers import SCHEDULERS, add_guidance_interval_flag
@@ -392,6 +391,9 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         # Apply the preset as defaults, then parse again so that explicit flags override it.
         parser.set_defaults(**PRESETS[args.preset])
         args = parser.parse_args(argv)
+    given = set(argv if argv is not None else sys.argv[1:])
+    if {"--train_batch_size", "--global_batch_size"} <= {flag.split("=")[0] for flag in given}:
+        parser.error("pass --global_batch_size (shared by the processes) or --train_batch_size (per process), not both")
     try:  # the launcher's process count: accelerate launch and torchrun set WORLD_SIZE (checked again in training)
         resolve_batch_size(args, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
     except UsageError as error:
@@ -444,11 +446,13 @@ def main(args: argparse.Namespace) -> None:
 
 def remove_if_empty(folder: str) -> None:
     """Remove a folder this run created when the run failed before writing a file into it (empty subfolders only,
-    or the shared-folder check's marker)."""
+    or the lock and record the run takes first)."""
+    from pipeline.run_folder import HIDDEN_NAMES  # here, not at the top: --help and flag errors stay quick
+
     if not os.path.isdir(folder):
         return
     files = [os.path.join(path, name) for path, _, names in os.walk(folder) for name in names]
-    if any(os.path.basename(file) != SHARED_FOLDER_MARKER for file in files):
+    if any(os.path.basename(file) not in HIDDEN_NAMES for file in files):
         return
     for file in files:
         try:

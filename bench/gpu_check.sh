@@ -21,17 +21,17 @@ case "${1:-}" in
   --dry-run) DRY_RUN=1 ;;
   *) echo "usage: bash bench/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
 esac
-if [ "$DRY_RUN" = 1 ]; then OUT=${OUT:-OUT}; else OUT=${OUT:-$(mktemp -d)}; fi
+if [ "$DRY_RUN" = 1 ]; then OUT=${OUT:-OUT}; else OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"; fi
 RESULTS=${RESULTS:-bench/results/gpu_check.jsonl}
 FAILED=0
 
-step() {  # name timeout-seconds command...: run one step under its own timeout, its output in $OUT/name.log
+step() {  # name timeout-seconds command...: one step under its own timeout (+5 s to kill), output in $OUT/name.log
   local name=$1 seconds=$2
   shift 2
   echo "step $name timeout $seconds s: $*"
   [ "$DRY_RUN" = 1 ] && return 0
   local started=$SECONDS
-  timeout --kill-after=10 "$seconds" "$@" > "$OUT/$name.log" 2>&1
+  timeout --kill-after=5 "$seconds" "$@" > "$OUT/$name.log" 2>&1
   local code=$?
   echo "  $name: exit $code after $((SECONDS - started)) s" | tee -a "$OUT/steps.txt"
   if [ "$code" != 0 ]; then FAILED=1; tail -n 20 "$OUT/$name.log"; fi
@@ -45,22 +45,24 @@ TRAIN=(--validation_images_per_label 0 --validation_grid_columns 1 --validation_
 QUALITY=(--preset quality --max_train_steps 200 --checkpointing_steps 100 --validation_steps 100
          --validation_images_per_label 10 --classifier_train_samples 3000 --classifier_cache_dir "$OUT/classifier")
 
-step probe 45 python -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"
-step eager_bf16_512 45 $(launch) train_conditional.py --output_dir "$OUT/eager_bf16_512" --train_batch_size 512 \
+step probe 40 python -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"
+step eager_bf16_512 40 $(launch) train_conditional.py --output_dir "$OUT/eager_bf16_512" --train_batch_size 512 \
   --max_train_steps 150 --mixed_precision bf16 --allow_tf32 "${TRAIN[@]}"
-step eager_fp32_512 45 $(launch) train_conditional.py --output_dir "$OUT/eager_fp32_512" --train_batch_size 512 \
+step eager_fp32_512 40 $(launch) train_conditional.py --output_dir "$OUT/eager_fp32_512" --train_batch_size 512 \
   --max_train_steps 150 --mixed_precision no "${TRAIN[@]}"
-step compiled_bf16_4096 110 $(launch) --dynamo_backend inductor train_conditional.py \
+step compiled_bf16_4096 100 $(launch) --dynamo_backend inductor train_conditional.py \
   --output_dir "$OUT/compiled_bf16_4096" --train_batch_size 4096 --max_train_steps 100 --mixed_precision bf16 \
   --allow_tf32 "${TRAIN[@]}"
-step seed_loop_cuda 30 sh -c "python bench/seed_loop.py --device cuda --batch_size 512 --steps 50 > '$OUT/seed_loop.json'"
-step quality_200_steps 90 $(launch) train_conditional.py --output_dir "$OUT/quality" "${QUALITY[@]}"
-# The second half again, from the checkpoint at step 100, in a copy of the run.
-step quality_resume 45 sh -c "rm -rf '$OUT/resumed' && cp -r '$OUT/quality' '$OUT/resumed' \
-  && rm -rf '$OUT/resumed/checkpoints/checkpoint-200' && $(launch) train_conditional.py --output_dir '$OUT/resumed' \
-  ${QUALITY[*]} --resume_from_checkpoint latest"
-step distill 45 $(launch) distill.py --teacher "$OUT/quality" --output_dir "$OUT/distilled" --max_train_steps 20 \
+step seed_loop_cuda 25 sh -c "python bench/seed_loop.py --device cuda --batch_size 512 --steps 50 > '$OUT/seed_loop.json'"
+step quality_200_steps 80 $(launch) train_conditional.py --output_dir "$OUT/quality" "${QUALITY[@]}"
+# The second half again, from the checkpoint at step 100 alone (nothing else of the run: a failed resume leaves no
+# summary or weights behind to be taken for its own), with the run's record of its files.
+step quality_resume 40 sh -c "rm -rf '$OUT/resumed' && mkdir -p '$OUT/resumed/checkpoints' \
+  && cp -r '$OUT/quality/checkpoints/checkpoint-100' '$OUT/resumed/checkpoints/' \
+  && cp '$OUT/quality/.run_files.json' '$OUT/resumed/' \
+  && $(launch) train_conditional.py --output_dir '$OUT/resumed' ${QUALITY[*]} --resume_from_checkpoint latest"
+step distill 40 $(launch) distill.py --teacher "$OUT/quality" --output_dir "$OUT/distilled" --max_train_steps 20 \
   --validation_images_per_label 10 --classifier_train_samples 3000 --classifier_cache_dir "$OUT/classifier"
-step report 25 python bench/gpu_report.py --out "$OUT" --results "$RESULTS"
+step report 20 python bench/gpu_report.py --out "$OUT" --results "$RESULTS"
 [ "$DRY_RUN" = 1 ] || echo "runs and logs in $OUT"
 exit $FAILED

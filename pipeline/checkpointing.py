@@ -17,12 +17,10 @@ import os
 import pickle
 import re
 import shutil
-import uuid
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list
 from diffusers import DiffusionPipeline
 from diffusers.training_utils import EMAModel
 from safetensors import SafetensorError
@@ -37,7 +35,21 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
 EMA_FILE = "ema_shadow_params.safetensors"
 PIPELINE_STAGING = ".pipeline.tmp"
-SHARED_FOLDER_MARKER = ".shared_folder_check"
+# The flags that define a run, recorded in every checkpoint and compared on resume (besides the seed, the global batch
+# and the number of training images, which fix the data order and every step's noise). The architecture is compared
+# as the built model's config, so a --model_config counts too.
+RECIPE_FLAGS = (
+    "dataset", "image_column", "label_column", "resolution",
+    "prediction_type", "beta_schedule", "num_train_timesteps", "snr_gamma", "class_dropout_prob",
+    "learning_rate", "lr_scheduler", "lr_warmup_steps", "max_grad_norm",
+    "use_ema", "ema_max_decay", "ema_inv_gamma", "ema_power",
+    "teacher", "teacher_guidance_scale", "num_ddim_timesteps", "huber_c",
+)  # fmt: skip
+ARCHITECTURE_FLAGS = ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+                      "attention_head_dim", "class_emb_size", "norm_num_groups", "time_class_embedding")  # fmt: skip
+SAFE_TO_CHANGE = ("--max_train_steps", "--num_epochs", "--mixed_precision", "--micro_batch_size",
+                  "--train_batch_size and the process count (at the same global batch)",
+                  "the saved sampling defaults")  # fmt: skip
 # Beyond the weights: configs, code files, RNG states, the sample grid and model card (each well under 1 MiB here).
 SLACK_BYTES = 2**20
 
@@ -68,80 +80,6 @@ def find_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str | None:
             f"(expected .../checkpoint-STEP); use 'latest' or one of {list_checkpoints(output_dir)}."
         )
     return path
-
-
-def prepare_output_dir(
-    accelerator: Accelerator, output_dir: str, resume_from_checkpoint: str | None, overwrite_output_dir: bool
-) -> None:
-    """Create `output_dir`, refusing to mix a new run into a folder that holds another run's pipeline or checkpoints.
-
-    With `--overwrite_output_dir` the earlier run's checkpoints are removed (with a warning): left in place, they
-    would be taken for this run's `latest`. Nothing else is removed without that flag, except the staging folders a
-    crash or a full disk left behind (never a complete checkpoint or pipeline).
-    """
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise UsageError(f"--output_dir {output_dir!r} is a file; pass a folder (it is created if missing).")
-    has_pipeline = os.path.isfile(os.path.join(output_dir, "model_index.json"))
-    has_checkpoints = bool(list_checkpoints(output_dir))
-    if has_pipeline and not has_checkpoints and resume_from_checkpoint and not overwrite_output_dir:
-        # Resuming would start from scratch and, at the end, replace the finished pipeline.
-        raise UsageError(
-            f"--output_dir {output_dir!r} holds a finished run's pipeline and no checkpoints, so there is nothing to "
-            "resume. Pass --overwrite_output_dir to train a new model in its place, or choose another --output_dir."
-        )
-    held = [name for name, present in (("a saved pipeline", has_pipeline), ("checkpoints", has_checkpoints)) if present]
-    if held and not (resume_from_checkpoint or overwrite_output_dir):
-        resume = "--resume_from_checkpoint latest to continue it, " if has_checkpoints else ""
-        raise UsageError(
-            f"--output_dir {output_dir!r} already holds {' and '.join(held)} of an earlier run. Pass {resume}"
-            "--overwrite_output_dir to replace it, or choose another --output_dir."
-        )
-    accelerator.wait_for_everyone()  # every process has checked before the main one changes anything
-    if accelerator.is_main_process:
-        folder = checkpoints_dir(output_dir)
-        if overwrite_output_dir and not resume_from_checkpoint and os.path.isdir(folder):
-            logger.warning(f"--overwrite_output_dir: removing the earlier run's {folder}")
-            shutil.rmtree(folder)
-        for leftover in staging_leftovers(output_dir):
-            logger.warning(f"Removing {leftover}, left by an interrupted save")
-            shutil.rmtree(leftover)
-        os.makedirs(output_dir, exist_ok=True)
-    accelerator.wait_for_everyone()
-
-
-def check_shared_output_dir(accelerator: Accelerator, output_dir: str) -> None:
-    """Stop every process at once unless all of them see the folder the main process prepared (a collective).
-
-    Only the main process of the whole run writes checkpoints and the pipeline, and every process resumes from what it
-    finds in `output_dir`: machines that do not share the folder would resume from different steps and hang in the
-    first collective, or keep nothing on the other machines. The main process writes a random token into the folder;
-    each process reads it back from its own `output_dir`. The marker is removed when the run ends.
-    """
-    token = [uuid.uuid4().hex if accelerator.is_main_process else None]
-    marker = os.path.join(output_dir, SHARED_FOLDER_MARKER)
-    if accelerator.is_main_process:
-        with open(marker, "w") as file:
-            file.write(token[0])
-    broadcast_object_list(token)  # from the main process, after it wrote the file
-    try:
-        with open(marker) as file:
-            sees_it = file.read() == token[0]
-    except OSError:
-        sees_it = False
-    blind = accelerator.gather(torch.tensor([not sees_it], device=accelerator.device)).nonzero().flatten().tolist()
-    if blind:
-        raise UsageError(
-            f"--output_dir {output_dir!r} is not one folder shared by every machine: process(es) {blind} do not see "
-            "the file the main process wrote there. Pass a folder on a file system all machines share, under the "
-            "same path on each."
-        )
-
-
-def remove_shared_folder_marker(output_dir: str) -> None:
-    """Main process, at the end of a run: the marker of `check_shared_output_dir` is not part of the results."""
-    marker = os.path.join(output_dir, SHARED_FOLDER_MARKER)
-    if os.path.exists(marker):
-        os.remove(marker)
 
 
 def staging_leftovers(output_dir: str) -> list[str]:
@@ -186,11 +124,17 @@ def free_space_error(folder: str, needed_bytes: int, what: str) -> str | None:
     )
 
 
+def processes_where(accelerator: Accelerator, condition: bool) -> list[int]:
+    """The indices of the processes where `condition` holds (a collective: every process calls it and gets the same
+    list), so that a problem one process finds stops all of them."""
+    flags = accelerator.gather(torch.tensor([condition], device=accelerator.device))
+    return flags.nonzero().flatten().tolist()
+
+
 def ensure_free_space(accelerator: Accelerator, folder: str, needed_bytes: int, what: str) -> None:
     """Raise `TrainingError` on every process alike when any of them finds too little space (a collective)."""
     message = free_space_error(folder, needed_bytes, what)
-    short = accelerator.gather(torch.tensor([message is not None], device=accelerator.device))
-    if short.any():
+    if processes_where(accelerator, message is not None):
         raise TrainingError(message or f"Another process found too little space to save {what} in {folder}.")
 
 
@@ -252,6 +196,11 @@ def save_checkpoint(
     return final_path
 
 
+def flag_text(value) -> str:
+    """A setting as it would be typed on the command line (lists space-separated)."""
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def remove_folder(path: str) -> None:
     """Delete a folder so that a crash half-way never leaves a partial folder under its own name."""
     doomed = f"{path}.deleting"
@@ -307,8 +256,10 @@ def load_checkpoint(
     """Restore a checkpoint written by `save_checkpoint` and return its `training_state.json` (global step, run state,
     and the training time of the segments before it).
 
-    The data order and every step's noise are functions of the seed and of the global batch, so a checkpoint only
-    continues exactly under the same values; anything else stops with the flags that would match. No file is read
+    `run_state` holds the settings that define the run (see `RECIPE_FLAGS`), as the flags name them: the data order
+    and every step's noise are functions of the seed and of the global batch, and the objective, optimisation and
+    network must be the ones the weights were trained with. Any of them changed stops the resume, naming each flag
+    and its saved value. No file is read
     in a way that can run code: a `custom_checkpoint_*.pkl` (which accelerate would unpickle) is refused.
     """
     pickles = sorted(name for name in os.listdir(path) if name.startswith("custom_checkpoint_"))
@@ -323,14 +274,16 @@ def load_checkpoint(
             saved_state = json.load(file)
     except (OSError, ValueError) as error:
         raise UsageError(f"Cannot resume from {path}: its {STATE_FILE} is missing or damaged ({error}).") from error
-    mismatches = {
-        key: (saved_state.get(key), value) for key, value in run_state.items() if saved_state.get(key) != value
-    }
-    if mismatches:
-        details = ", ".join(f"{key} was {saved} and is now {now}" for key, (saved, now) in mismatches.items())
+    # Settings a checkpoint of an older version did not record are not compared.
+    changed = {key: (saved_state[key], value) for key, value in run_state.items()
+               if key in saved_state and saved_state[key] != value}  # fmt: skip
+    if changed:
+        details = ", ".join(f"--{key} {flag_text(saved)} (now {flag_text(now)})"
+                            for key, (saved, now) in changed.items())  # fmt: skip
         raise UsageError(
-            f"Cannot resume exactly from {path}: {details}. Resume with the same --seed and the same global batch "
-            "(--train_batch_size x processes x --gradient_accumulation_steps), or start a new --output_dir."
+            f"Cannot resume from {path}: it was trained with {details}. Resume with the saved values, or start a new "
+            f"--output_dir; only {', '.join(SAFE_TO_CHANGE)} and the logging, validation, checkpointing and tracker "
+            "flags may change on resume."
         )
     if (ema_model is not None) != ("ema" in saved_state):
         raise UsageError(

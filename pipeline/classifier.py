@@ -28,6 +28,7 @@ from .data import (
     fit_validation_indices,
     load_image_class_dataset,
     load_split,
+    local_files_key,
 )
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,8 @@ def load_or_train_classifier(
     """
     dataset_dict = load_image_class_dataset(dataset, data_format.image_column, data_format.label_column)
     fingerprint = dataset_dict["train"]._fingerprint
+    if os.path.isdir(os.path.expanduser(dataset)):  # datasets' fingerprint of a local folder ignores its files
+        fingerprint += "-" + local_files_key(dataset)
     fit, validation, split = fit_and_validation or load_fit_and_validation(dataset, data_format)
     settings = {"version": CLASSIFIER_VERSION, "epochs": epochs, "seed": seed, "max_train_samples": max_train_samples}
     columns = [data_format.image_column, data_format.label_column]

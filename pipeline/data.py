@@ -6,6 +6,7 @@ images would not fit comfortably in memory stays in the memory-mapped Arrow cach
 from it on demand, with the same order, results and exact resume.
 """
 
+import functools
 import hashlib
 import io
 import logging
@@ -107,6 +108,33 @@ def fit_validation_indices(
     return fit, validation, record
 
 
+def local_files_key(folder: str) -> str:
+    """A key of a local dataset folder's files, their names and contents: it changes when any file does.
+
+    Hidden files and folders (a `.cache`, `.git`) are left out. The contents are hashed once per process for a given
+    set of names, sizes and modification times.
+    """
+    folder = os.path.expanduser(folder)
+    entries = []
+    for root, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in sorted(name for name in files if not name.startswith(".")):
+            stat = os.stat(os.path.join(root, name))
+            entries.append((os.path.relpath(os.path.join(root, name), folder), stat.st_size, stat.st_mtime_ns))
+    return _contents_key(os.path.realpath(folder), tuple(entries))
+
+
+@functools.lru_cache(maxsize=16)
+def _contents_key(folder: str, entries: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for relative_path, _, _ in entries:
+        digest.update(relative_path.encode() + b"\0")
+        with open(os.path.join(folder, relative_path), "rb") as file:
+            while chunk := file.read(2**20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def load_image_class_dataset(
     dataset: str, image_column: str = IMAGE_COLUMN, label_column: str = LABEL_COLUMN
 ) -> datasets.DatasetDict:
@@ -131,7 +159,12 @@ def load_image_class_dataset(
             "a folder of one subfolder of images per class, or a Hub dataset id."
         )
     try:
-        dataset_dict = datasets.load_dataset(os.path.expanduser(dataset))
+        cache_dir = None
+        if os.path.isdir(os.path.expanduser(dataset)):
+            # datasets files a local folder's cache under the folder's name and config, not its files: changed labels
+            # or added images would be read from the old cache. Filed under the files' key, they are read afresh.
+            cache_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "local", local_files_key(dataset))
+        dataset_dict = datasets.load_dataset(os.path.expanduser(dataset), cache_dir=cache_dir)
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
         raise UsageError(
             f"Could not load dataset {dataset!r}: {error}. Pass a local folder in the `ylecun/mnist` "

@@ -141,7 +141,7 @@ def generate_for_evaluation(
         batches.append(images.float())
     images = torch.cat(batches)
     if accelerator is not None:
-        images = accelerator.gather_for_metrics(images.contiguous())[: len(labels)]
+        images = accelerator.gather(images.contiguous())[: len(labels)]  # the shares in process order, then padding
     return images.cpu(), labels
 
 

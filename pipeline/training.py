@@ -15,10 +15,8 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +25,6 @@ from accelerate.logging import get_logger
 from accelerate.utils import (
     InitProcessGroupKwargs,
     ProjectConfiguration,
-    broadcast_object_list,
     set_seed,
 )
 from diffusers import DDIMScheduler
@@ -38,15 +35,14 @@ from tqdm.auto import tqdm
 
 from .batches import draw_global_batch_noise, epoch_permutation, local_chunk
 from .checkpointing import (
-    check_shared_output_dir,
+    ARCHITECTURE_FLAGS,
+    RECIPE_FLAGS,
     checkpoint_bytes,
     ensure_free_space,
     find_checkpoint,
     list_checkpoints,
     load_checkpoint,
     pipeline_bytes,
-    prepare_output_dir,
-    remove_shared_folder_marker,
     save_checkpoint,
     save_pipeline,
 )
@@ -58,6 +54,7 @@ from .hub import push_folder, write_model_card
 from .loading import check_folder
 from .modeling_class_conditioned_unet import ClassConditionedUNet
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
+from .run_folder import claim_output_dir, on_main_process, release_output_dir
 from .schedulers import set_scheduler
 from .validation import (
     log_model_artifact,
@@ -70,7 +67,6 @@ from .validation import (
 
 logger = get_logger(__name__)
 
-T = TypeVar("T")
 CPU_MICRO_BATCH_SIZE = 128  # the fastest micro-batch for the seed model on a 2-core AVX2 CPU (bench/)
 
 
@@ -251,8 +247,8 @@ def train(args: argparse.Namespace) -> None:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     check_launch(accelerator, args)
-    prepare_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
-    check_shared_output_dir(accelerator, args.output_dir)  # several machines: one folder, seen by all of them
+    # Locked for this run, shared by every machine, holding nothing this run would wrongly replace.
+    claim_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
 
     # 2. data: decoded once into a uint8 tensor that lives on the training device (or, for a split too large for
     # memory, read per batch from the memory-mapped datasets cache)
@@ -333,10 +329,14 @@ def train(args: argparse.Namespace) -> None:
     modules = {"model": model, "EMA": ema_model, "teacher": teacher, "target network": target_network}
     check_devices(accelerator.device, modules)
     logger.info(f"On {accelerator.device}: {', '.join(name for name, module in modules.items() if module is not None)}")
-    # What a checkpoint's data position and noise mean; resuming under other values would not continue the run.
-    run_state = {"seed": args.seed, "global_batch_size": global_batch_size, "max_train_samples": num_samples}
-    if args.teacher:
-        run_state["teacher"] = os.path.abspath(args.teacher)
+    # What defines the run: a checkpoint only continues it under the same values (checked on resume).
+    run_state = {"seed": args.seed, "global_batch_size": global_batch_size, "max_train_samples": num_samples,
+                 **{flag: getattr(args, flag, None) for flag in RECIPE_FLAGS},
+                 **{flag: accelerator.unwrap_model(model).config[flag] for flag in ARCHITECTURE_FLAGS}}  # fmt: skip
+    for flag in ("dataset", "teacher"):  # a folder however it is spelled; a Hub id as it is
+        if run_state[flag] and os.path.isdir(run_state[flag]):
+            run_state[flag] = os.path.realpath(run_state[flag])
+    run_state = json.loads(json.dumps(run_state))  # as training_state.json holds it (tuples become lists)
 
     # 5. resume: the data position and the noise follow from the global step alone
     checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
@@ -445,7 +445,7 @@ def train(args: argparse.Namespace) -> None:
                           global_step=global_step, steps_this_run=global_step - first_step)  # fmt: skip
         if args.wandb_log_model and wandb_run_id(accelerator):
             log_model_artifact(accelerator, args.output_dir)
-        remove_shared_folder_marker(args.output_dir)
+        release_output_dir(args.output_dir)
     accelerator.end_training()
 
     if args.push_to_hub and accelerator.is_main_process:
@@ -528,24 +528,6 @@ def load_validation_evaluation(accelerator: Accelerator, args: argparse.Namespac
         return evaluation.to(accelerator.device)  # scored where the images are drawn
 
     return on_main_process(accelerator, load)
-
-
-def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> T | None:
-    """`work()` on the main process while the others wait (None there). A `UsageError` or `TrainingError` it raises
-    is raised on every process, so that the others stop with it instead of waiting in the next collective."""
-    result, error, failure = None, None, [None]
-    if accelerator.is_main_process:
-        try:
-            result = work()
-        except (UsageError, TrainingError) as caught:
-            error, failure = caught, [(type(caught), str(caught), caught.exit_code)]
-    broadcast_object_list(failure)  # a collective: also the others' wait for the main process
-    if error is not None:
-        raise error
-    if failure[0] is not None:
-        error_type, message, exit_code = failure[0]
-        raise UsageError(message) if error_type is UsageError else TrainingError(message, exit_code)
-    return result
 
 
 def log_banner(

@@ -14,11 +14,11 @@ from pipeline.checkpointing import (
     find_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    prepare_output_dir,
     save_checkpoint,
     save_pipeline,
 )
 from pipeline.errors import TrainingError, UsageError
+from pipeline.run_folder import RECORD_FILE, RUN_NAMES, claim_output_dir
 from tests.conftest import CreatesMarker
 
 RUN_STATE = {"seed": 0, "global_batch_size": 8}
@@ -136,7 +136,8 @@ def test_next_start_removes_what_an_interrupted_save_left(tmp_path, training):
     for folder in leftovers:
         folder.mkdir()
     (tmp_path / "notes.tmp").mkdir()  # not ours: kept
-    prepare_output_dir(training.accelerator, str(tmp_path), "latest", overwrite_output_dir=False)
+    (tmp_path / RECORD_FILE).write_text(json.dumps({"names": list(RUN_NAMES)}))  # what a run's start writes
+    claim_output_dir(training.accelerator, str(tmp_path), "latest", overwrite_output_dir=False)
     assert not any(folder.exists() for folder in leftovers)
     assert (tmp_path / "notes.tmp").exists() and list_checkpoints(str(tmp_path))
 

@@ -71,3 +71,30 @@ def test_lazy_split_reads_the_same_images_on_demand():
     assert torch.equal(lazy.take(indices), in_memory.take(indices))
     assert torch.equal(lazy.labels, in_memory.labels)
     assert torch.equal(lazy.subset(5).take(torch.arange(5)), in_memory.images[:5])
+
+
+def test_a_changed_local_dataset_is_read_afresh(tmp_path, monkeypatch):
+    # datasets 5.2 files a local folder in the Hub layout under its name and config: a copy named like data/mnist
+    # whose labels were fixed used to load the old labels from the warm cache.
+    import shutil
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    source, copy = Path(DATASET), tmp_path / "mnist"
+    (copy / "mnist").mkdir(parents=True)
+    shutil.copy(source / "README.md", copy / "README.md")
+    for split, rows in (("train", 200), ("test", 100)):
+        name = f"{split}-00000-of-00001.parquet"
+        pq.write_table(pq.read_table(source / "mnist" / name).slice(0, rows), copy / "mnist" / name)
+    before = load_split(str(copy), "test").labels  # the cache is warm now
+
+    test_file = copy / "mnist" / "test-00000-of-00001.parquet"
+    table = pq.read_table(test_file)
+    index = table.schema.get_field_index("label")
+    fixed = pa.array([(label + 1) % 10 for label in table.column("label").to_pylist()], table.schema.field(index).type)
+    pq.write_table(table.set_column(index, table.schema.field(index), fixed), test_file)
+    after = load_split(str(copy), "test").labels
+    assert torch.equal(after, (before + 1) % 10)

@@ -155,6 +155,18 @@ def test_resumed_distillation_is_bit_exact(teacher_dir, student_dir, tmp_path):
     assert all(torch.equal(resumed[name], tensor) for name, tensor in uninterrupted.items())
 
 
+@pytest.mark.parametrize("output", ["same", "same spelled differently", "inside", "around"])
+def test_the_student_never_overwrites_its_teacher(teacher_dir, capsys, monkeypatch, output):
+    monkeypatch.chdir(teacher_dir.parent)
+    folder = {"same": str(teacher_dir), "same spelled differently": f"./{teacher_dir.name}/",
+              "inside": str(teacher_dir / "student"), "around": str(teacher_dir.parent)}[output]  # fmt: skip
+    before = sorted(path.relative_to(teacher_dir) for path in teacher_dir.rglob("*"))
+    argv = [*distill_flags(teacher_dir, folder), "--overwrite_output_dir"]
+    code, stderr = exit_code_and_stderr(distill.parse_distill_args, argv, capsys)
+    assert code == 2 and "the student would overwrite its teacher" in stderr, stderr
+    assert sorted(path.relative_to(teacher_dir) for path in teacher_dir.rglob("*")) == before
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--preset", "quick"], "--preset names training recipes"),
     (["--default_scheduler", "ddim"], "samples with --default_scheduler lcm only"),

@@ -206,7 +206,11 @@ def launch_two_machines(output_dirs: list[Path], script_args: list[str], timeout
         machines.append(
             subprocess.Popen(command, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         )
-    outputs = [machine.communicate(timeout=timeout)[0] for machine in machines]
+    try:
+        outputs = [machine.communicate(timeout=timeout)[0] for machine in machines]
+    finally:  # a hang fails the test without leaving launchers behind
+        for machine in machines:
+            machine.kill()
     return [machine.returncode for machine in machines], outputs
 
 

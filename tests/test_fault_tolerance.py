@@ -300,9 +300,23 @@ def test_a_pickle_planted_in_a_checkpoint_never_runs_on_resume(finished_run, tmp
     assert not marker.exists()
 
 
+def test_resume_under_a_changed_recipe_names_each_changed_flag(finished_run, tmp_path):
+    # Each used to be ignored (the learning rate), accepted (the objective) or called "damaged" (the network).
+    output_dir = copy_of(finished_run, tmp_path)
+    result = run_cli([*TRAIN, "--output_dir", str(output_dir), "--max_train_steps", "4", "--resume_from_checkpoint",
+                      "latest", *RUN, "--learning_rate", "0.002", "--prediction_type", "v_prediction",
+                      "--block_out_channels", "16", "32", "32"], check=False)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    for change in ("--learning_rate 0.001 (now 0.002)", "--prediction_type epsilon (now v_prediction)",
+                   "--block_out_channels 16 16 16 (now 16 32 32)"):  # fmt: skip
+        assert change in line, line
+    assert "damaged" not in line
+
+
 def test_resume_with_another_global_batch_is_refused(finished_run, tmp_path):
     output_dir = copy_of(finished_run, tmp_path)
     result = run_cli([*TRAIN, "--output_dir", str(output_dir), "--max_train_steps", "4", "--resume_from_checkpoint",
                       "latest", *RUN, "--train_batch_size", "4"], check=False)  # fmt: skip
     assert result.returncode == 2
-    assert "global_batch_size was 8 and is now 4" in result.stderr and "Traceback" not in result.stderr
+    assert "--global_batch_size 8 (now 4)" in result.stderr and "Traceback" not in result.stderr

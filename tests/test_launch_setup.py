@@ -2,6 +2,7 @@
 refused sharding back-ends, the device check of every module, validation noise that does not depend on how the
 images are shared out, and the GPU check's step list. The launches themselves are in test_distributed.py."""
 
+import contextlib
 import json
 import subprocess
 
@@ -31,6 +32,12 @@ def test_an_explicit_per_process_batch_keeps_its_meaning(monkeypatch):
     assert (args.train_batch_size, args.global_batch_size) == (100, 800)
     args = train_conditional.parse_args(["--global_batch_size", "64", "--gradient_accumulation_steps", "2"])
     assert (args.train_batch_size, args.global_batch_size) == (4, 64)
+
+
+def test_both_batch_flags_at_once_are_refused(capsys):
+    argv = ["--global_batch_size", "64", "--train_batch_size=8"]
+    code, stderr = exit_code_and_stderr(train_conditional.parse_args, argv, capsys)
+    assert code == 2 and "not both" in stderr, stderr
 
 
 def test_a_global_batch_that_does_not_split_is_one_line(monkeypatch, capsys):
@@ -85,6 +92,34 @@ def test_evaluation_images_do_not_depend_on_batching(tiny_pipe):
     assert (other_seed - whole).abs().max() > 0.1
 
 
+class ProcessOfMany:
+    """What generate_for_evaluation asks of an accelerator, for process `process_index` of `num_processes`: its
+    gather returns the process's own share and keeps it, to be put together with the others' by the test."""
+
+    def __init__(self, process_index: int, num_processes: int):
+        self.process_index, self.num_processes, self.share = process_index, num_processes, None
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.share = tensor
+        return tensor
+
+
+@pytest.mark.parametrize("num_processes", [2, 3, 4])
+def test_each_process_draws_its_share_and_the_gathered_set_is_the_whole_one(tiny_pipe, num_processes):
+    # 10 images over 3 processes: shares of 4, 4 and 2 + 2 padding; over 4: 3, 3, 3 and 1 + 2 padding.
+    whole, _ = generate_for_evaluation(tiny_pipe, 1, num_inference_steps=2, seed=3)
+    processes = [ProcessOfMany(index, num_processes) for index in range(num_processes)]
+    for process in processes:
+        generate_for_evaluation(tiny_pipe, 1, num_inference_steps=2, seed=3, accelerator=process)
+    per_process = -(-10 // num_processes)
+    assert [len(process.share) for process in processes] == [per_process] * num_processes  # not 10 each
+    gathered = torch.cat([process.share for process in processes])[:10]
+    torch.testing.assert_close(gathered, whole, rtol=0, atol=1e-5)
+
+
 def test_gpu_check_dry_run_lists_every_step_with_its_own_timeout():
     result = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=60)  # fmt: skip
@@ -94,6 +129,7 @@ def test_gpu_check_dry_run_lists_every_step_with_its_own_timeout():
     assert names == ["probe", "eager_bf16_512", "eager_fp32_512", "compiled_bf16_4096", "seed_loop_cuda",
                      "quality_200_steps", "quality_resume", "distill", "report"]  # fmt: skip
     assert all(" timeout " in line for line in steps)
-    assert sum(int(line.split(" timeout ")[1].split()[0]) for line in steps) <= 8 * 60  # fits one lease
+    # Within 8 minutes even if every step hangs: its timeout plus the 5 s before it is killed.
+    assert sum(int(line.split(" timeout ")[1].split()[0]) + 5 for line in steps) <= 8 * 60
     bad = subprocess.run(["bash", "bench/gpu_check.sh", "--nonsense"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
