@@ -115,6 +115,11 @@ def main(args: argparse.Namespace) -> None:
         generator=torch.Generator().manual_seed(args.seed),
         output_type="pt",
     ).images
+    if not torch.isfinite(images).all():  # nothing is written: a black grid with exit code 0 would look like success
+        raise UsageError(
+            f"The model in {args.model!r} produced NaN or infinite images (its weights, or a sampler setting, make "
+            "the sampling diverge); nothing was written."
+        )
     # Row names as the model calls its classes: `get_label_ids` maps ids and names to ids, id2label back to names.
     id_to_name = {class_id: name for name, class_id in pipe.labels.items()}
     row_names = [id_to_name[class_id] for class_id in class_ids]

@@ -420,6 +420,19 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
             f"every --block_out_channels entry {args.block_out_channels} must be divisible by "
             f"--norm_num_groups {args.norm_num_groups}"
         )
+    levels = len(args.block_out_channels)
+    if args.resolution and args.resolution % 2 ** (levels - 1):
+        parser.error(
+            f"--resolution {args.resolution} cannot go through the UNet's {levels} levels, each of which halves it: "
+            f"pass a multiple of {2 ** (levels - 1)}"
+        )
+    for flag in ("default_num_inference_steps", "validation_num_inference_steps"):
+        steps = getattr(args, flag)
+        if steps and steps > args.num_train_timesteps:
+            parser.error(
+                f"--{flag} {steps} is more than --num_train_timesteps {args.num_train_timesteps}: a sampler takes at "
+                "most as many steps as the noise schedule has"
+            )
     attention_widths = [channels for channels, block in zip(args.block_out_channels, args.down_block_types, strict=True)
                         if block.startswith("Attn")]  # fmt: skip
     if any(channels % args.attention_head_dim for channels in attention_widths):

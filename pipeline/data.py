@@ -171,6 +171,11 @@ def load_image_class_dataset(
             "layout (parquet files with `image` and `label` columns) or of one subfolder of images per class, or a "
             "Hub id on a machine that can reach the Hub."
         ) from error
+    except datasets.exceptions.DatasetGenerationError as error:  # e.g. a truncated parquet file (ArrowInvalid)
+        raise UsageError(
+            f"Could not read dataset {dataset!r}: one of its files is damaged or not in the format its name says "
+            f"({error.__cause__ or error}). Restore or remove the file."
+        ) from error
     for split_name, split in dataset_dict.items():
         missing = [column for column in (image_column, label_column) if column not in split.column_names]
         if missing:
@@ -190,7 +195,28 @@ def load_image_class_dataset(
                 f"Column {label_column!r} of dataset {dataset!r} holds {label_feature}, not class ids; the labels "
                 "must be integers or a ClassLabel (name the right column with --label_column)."
             )  # fmt: skip
+    check_every_class_is_trained(dataset_dict, dataset, label_column)
     return dataset_dict
+
+
+def check_every_class_is_trained(dataset_dict: datasets.DatasetDict, dataset: str, label_column: str) -> None:
+    """Refuse a class that other splits (or the ClassLabel's names) have but the train split lacks: the model would
+    never learn it, and a missing highest id would even shrink the model's classes."""
+    if "train" not in dataset_dict:
+        return
+    trained = set(dataset_dict["train"].unique(label_column))
+    feature = dataset_dict["train"].features[label_column]
+    expected = {name: set(split.unique(label_column)) for name, split in dataset_dict.items() if name != "train"}
+    if isinstance(feature, datasets.ClassLabel):
+        expected["the label names"] = set(range(feature.num_classes))
+    untrained = {name: sorted(ids - trained - {-1}) for name, ids in expected.items()}  # -1: unlabelled, refused later
+    untrained = {name: ids for name, ids in untrained.items() if ids}
+    if untrained:
+        where = "; ".join(f"{name}: {ids[:10]}" for name, ids in untrained.items())
+        raise UsageError(
+            f"Dataset {dataset!r} has classes without a single training image ({where}); add training images of "
+            "them, or remove them from the other splits and the label names."
+        )
 
 
 def label_names_of(split: datasets.Dataset, label_column: str = LABEL_COLUMN) -> list[str]:

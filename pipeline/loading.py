@@ -25,6 +25,11 @@ def load_pipeline(
     Raises:
         [`UsageError`]: naming the folder and the problem (not a pipeline, weights missing, truncated or pickled...).
     """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:  # found before loading anything: e.g. --device cuda on a machine without CUDA
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise UsageError(f"Device {device!r} is not available here ({error}); pass --device cpu.") from error
     if os.path.isdir(model):
         check_folder(model)
     try:
@@ -38,7 +43,7 @@ def load_pipeline(
     # errors are OSErrors, a bad config value a ValueError or TypeError); anything else is a bug and keeps its trace.
     except (OSError, ValueError, TypeError, SafetensorError) as error:
         raise UsageError(f"Could not load a pipeline from {model!r}: {type(error).__name__}: {error}") from error
-    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return pipe.to(device)
 
 
 def check_folder(folder: str) -> None:
@@ -59,6 +64,13 @@ def check_folder(folder: str) -> None:
         ) from error
     if not isinstance(index, dict):
         raise UsageError(f"{index_file} holds a JSON {type(index).__name__}, not a pipeline index (an object).")
+    unet_entry = index.get("unet")
+    if not (isinstance(unet_entry, list) and unet_entry[-1:] == ["ClassConditionedUNet"]):
+        # diffusers would build a randomly initialised network for another class and warn "newly initialized".
+        raise UsageError(
+            f"{index_file} names {unet_entry!r} as its unet, not ClassConditionedUNet: not a pipeline of this "
+            "project; pass the --output_dir of a train_conditional.py run."
+        )
     # Only the components model_index.json lists: checkpoints/ and logs a training run leaves beside them do not count.
     components = [name for name in index if not name.startswith("_") and os.path.isdir(os.path.join(folder, name))]
     pickled = [

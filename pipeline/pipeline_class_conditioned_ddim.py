@@ -7,6 +7,7 @@ standard library and the model module: it is the pipeline code that travels insi
 import inspect
 import json
 import logging
+import math
 import numbers
 import os
 import shutil
@@ -229,6 +230,8 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
             `list[int]`: One class id per label.
         """
         if isinstance(label, (torch.Tensor, np.ndarray)):
+            if isinstance(label, torch.Tensor) and label.is_meta:
+                raise ValueError("class_labels is a tensor on the meta device, which holds no values; pass real ids.")
             if label.ndim > 1:
                 raise ValueError(f"class_labels as a tensor or array must be 1-D, got shape {tuple(label.shape)}.")
             label = label.tolist()  # Python numbers (a float dtype gives floats, refused below); 0-d gives one
@@ -330,9 +333,17 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
         Returns:
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the images, or `(images,)` when `return_dict` is `False`.
         """
-        # 0. check inputs
+        # 0. check inputs, all before any network call
         if num_inference_steps is None:
             num_inference_steps = self.config.default_num_inference_steps
+        counts = {"num_images_per_label": num_images_per_label, "num_inference_steps": num_inference_steps}
+        for name, value in counts.items():
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+        for name, value in (("guidance_scale", guidance_scale), ("eta", eta)):
+            # nan would silently turn guidance off (nan > 1 is False) or make every image nan; inf makes nan images
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}.")
         default_guidance_scale = self.config.default_guidance_scale
         if guidance_scale is None:
             guidance_scale = default_guidance_scale

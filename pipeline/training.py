@@ -95,6 +95,12 @@ def build_model(args: argparse.Namespace, train_data: ImageClassData) -> ClassCo
             f"{config.get('sample_size', 28)} pixels, but the data is {channels}-channel at {resolution}; pass "
             f"--resolution {config.get('sample_size', 28)} or another config."
         )
+    levels = len(config["block_out_channels"])
+    if resolution % 2 ** (levels - 1):  # found before training, not as a shape error deep in the UNet
+        raise UsageError(
+            f"The images are {resolution} pixels, which cannot go through the UNet's {levels} levels, each of which "
+            f"halves them: pass --resolution with a multiple of {2 ** (levels - 1)}."
+        )
     config.update(
         in_channels=channels,
         out_channels=channels,

@@ -104,7 +104,7 @@ def test_a_path_that_is_not_a_checkpoint_is_refused(tmp_path):
 
 def test_resume_under_another_seed_is_refused(tmp_path, training):
     path = training.save(tmp_path, 1)
-    with pytest.raises(UsageError, match="seed was 0 and is now 1"):
+    with pytest.raises(UsageError, match=r"trained with --seed 0 \(now 1\)"):
         training.load(path, {**RUN_STATE, "seed": 1})
 
 

@@ -1,9 +1,15 @@
+import shutil
+from pathlib import Path
+
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from pipeline.data import load_split
+from pipeline.errors import UsageError
 from tests.conftest import DATASET
 
 
@@ -73,24 +79,27 @@ def test_lazy_split_reads_the_same_images_on_demand():
     assert torch.equal(lazy.subset(5).take(torch.arange(5)), in_memory.images[:5])
 
 
-def test_a_changed_local_dataset_is_read_afresh(tmp_path, monkeypatch):
-    # datasets 5.2 files a local folder in the Hub layout under its name and config: a copy named like data/mnist
-    # whose labels were fixed used to load the old labels from the warm cache.
-    import shutil
-    from pathlib import Path
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def small_copy(tmp_path, monkeypatch, rows: dict[str, int] = {"train": 200, "test": 100}, keep=None):  # noqa: B006
+    """A copy of data/mnist named like it, with the first `rows` of each split (rows passing `keep`), and its own
+    datasets cache."""
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     source, copy = Path(DATASET), tmp_path / "mnist"
     (copy / "mnist").mkdir(parents=True)
     shutil.copy(source / "README.md", copy / "README.md")
-    for split, rows in (("train", 200), ("test", 100)):
+    for split, count in rows.items():
         name = f"{split}-00000-of-00001.parquet"
-        pq.write_table(pq.read_table(source / "mnist" / name).slice(0, rows), copy / "mnist" / name)
-    before = load_split(str(copy), "test").labels  # the cache is warm now
+        table = pq.read_table(source / "mnist" / name).slice(0, count)
+        if keep is not None:
+            table = table.filter(pa.array([keep(split, label) for label in table.column("label").to_pylist()]))
+        pq.write_table(table, copy / "mnist" / name)
+    return copy
 
+
+def test_a_changed_local_dataset_is_read_afresh(tmp_path, monkeypatch):
+    # datasets 5.2 files a local folder in the Hub layout under its name and config: a copy named like data/mnist
+    # whose labels were fixed used to load the old labels from the warm cache.
+    copy = small_copy(tmp_path, monkeypatch)
+    before = load_split(str(copy), "test").labels  # the cache is warm now
     test_file = copy / "mnist" / "test-00000-of-00001.parquet"
     table = pq.read_table(test_file)
     index = table.schema.get_field_index("label")
@@ -98,3 +107,18 @@ def test_a_changed_local_dataset_is_read_afresh(tmp_path, monkeypatch):
     pq.write_table(table.set_column(index, table.schema.field(index), fixed), test_file)
     after = load_split(str(copy), "test").labels
     assert torch.equal(after, (before + 1) % 10)
+
+
+def test_a_damaged_data_file_is_one_line(tmp_path, monkeypatch):
+    copy = small_copy(tmp_path, monkeypatch)
+    test_file = copy / "mnist" / "test-00000-of-00001.parquet"
+    test_file.write_bytes(test_file.read_bytes()[:5000])  # truncated: ArrowInvalid deep in datasets
+    with pytest.raises(UsageError, match="damaged or not in the format .*Parquet magic bytes not found"):
+        load_split(str(copy), "train")
+
+
+def test_a_class_without_training_images_is_refused(tmp_path, monkeypatch):
+    # 9 is the highest id: a plain int column would even have shrunk the model to 9 classes
+    copy = small_copy(tmp_path, monkeypatch, keep=lambda split, label: split != "train" or label != 9)
+    with pytest.raises(UsageError, match=r"classes without a single training image \(test: \[9\]; the label names"):
+        load_split(str(copy), "train")

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sample
+import train_conditional
 from pipeline.checkpointing import find_checkpoint, pipeline_at_checkpoint
 from tests.conftest import (
     REPO_ROOT,
@@ -209,6 +210,12 @@ def make_broken_model(trained_dir: Path, tmp_path: Path, breakage: str) -> Path:
         weights_file.unlink()
     elif breakage == "invalid model_index.json":
         (model / "model_index.json").write_text('{"unet": ["pipeline", ')
+    elif breakage == "diffusers' UNet2DModel":  # diffusers would load a randomly initialised network
+        index = json.loads((model / "model_index.json").read_text())
+        (model / "model_index.json").write_text(json.dumps({**index, "unet": ["diffusers", "UNet2DModel"]}))
+    elif breakage == "nan weights":
+        weights = load_file(weights_file)
+        save_file({name: torch.full_like(tensor, float("nan")) for name, tensor in weights.items()}, weights_file)
     elif breakage == "wrong config type":
         config = json.loads((model / "unet" / "config.json").read_text())
         config["layers_per_block"] = "two"
@@ -222,12 +229,15 @@ def make_broken_model(trained_dir: Path, tmp_path: Path, breakage: str) -> Path:
     ("pickle weights", "holds pickle weights (unet/diffusion_pytorch_model.bin)"),
     ("wrong config type", "Could not load a pipeline"),
     ("invalid model_index.json", "model_index.json is not valid JSON"),
+    ("diffusers' UNet2DModel", "not ClassConditionedUNet"),
+    ("nan weights", "produced NaN or infinite images"),
 ])  # fmt: skip
 def test_sample_refuses_broken_model_folders(trained_dir, tmp_path, capsys, breakage, message):
     model = make_broken_model(trained_dir, tmp_path, breakage)
-    argv = ["--model", str(model), "--output", str(tmp_path / "x.png")]
+    argv = ["--model", str(model), "--output", str(tmp_path / "x.png"), "--num_inference_steps", "2"]
     code, stderr = exit_code_and_stderr(sample.cli, argv, capsys)
     assert code == 2 and message in stderr, stderr
+    assert not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -238,6 +248,7 @@ def test_sample_refuses_broken_model_folders(trained_dir, tmp_path, capsys, brea
     (["--class_labels", "3.5"], "--class_labels: Unknown label name '3.5'"),
     (["--guidance_interval", "0", "1.5"], "--guidance_interval must be START STOP with 0 <= START < STOP <= 1"),
     (["--output", "/proc/grid.png", "--num_inference_steps", "1"], "Cannot write --output '/proc/grid.png'"),
+    (["--device", "cuda" if not torch.cuda.is_available() else "cuda:99"], "is not available here"),
 ])  # fmt: skip
 def test_sample_usage_errors_exit_2(trained_dir, tmp_path, capsys, args, message):
     code, stderr = exit_code_and_stderr(sample.cli, ["--model", str(trained_dir), *args], capsys)
@@ -320,3 +331,13 @@ def test_resume_with_another_global_batch_is_refused(finished_run, tmp_path):
                       "latest", *RUN, "--train_batch_size", "4"], check=False)  # fmt: skip
     assert result.returncode == 2
     assert "--global_batch_size 8 (now 4)" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--resolution", "7"], "--resolution 7 cannot go through the UNet's 3 levels, each of which halves it: pass a "
+                            "multiple of 4"),
+    (["--num_train_timesteps", "1"], "--default_num_inference_steps 50 is more than --num_train_timesteps 1"),
+])  # fmt: skip
+def test_settings_the_model_cannot_take_are_refused_before_anything_runs(capsys, flags, message):
+    code, stderr = exit_code_and_stderr(train_conditional.parse_args, flags, capsys)
+    assert code == 2 and message in stderr, stderr

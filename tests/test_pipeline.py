@@ -76,6 +76,13 @@ def test_get_label_ids_treats_a_string_as_one_name(tiny_pipe):
         ({"class_labels": [1], "num_images_per_label": 0}, ValueError, "num_images_per_label must be at least 1"),
         ({"class_labels": [1], "output_type": "jpg"}, ValueError, r"choose one of \['pil', 'np', 'pt', 'latent'\]"),
         ({"class_labels": [1, 2], "generator": [torch.Generator()]}, ValueError, "1 generators for 2 images"),
+        # nan guidance used to sample unguided without a word, inf guidance and nan eta to return nan images
+        ({"class_labels": [1], "guidance_scale": float("nan")}, ValueError, "guidance_scale must be a finite number"),
+        ({"class_labels": [1], "guidance_scale": float("inf")}, ValueError, "guidance_scale must be a finite number"),
+        ({"class_labels": [1], "eta": float("nan")}, ValueError, "eta must be a finite number"),
+        ({"class_labels": [1], "num_images_per_label": 2.5}, ValueError, "num_images_per_label must be an integer"),
+        ({"class_labels": [1], "num_inference_steps": 2.0}, ValueError, "num_inference_steps must be an integer"),
+        ({"class_labels": torch.tensor([1], device="meta")}, ValueError, "meta device"),
     ],
 )
 def test_bad_input_names_the_fix(tiny_pipe, kwargs, error, message):
