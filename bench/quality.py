@@ -24,6 +24,7 @@ from pathlib import Path
 from provenance import append_row, run_record
 
 from pipeline.evaluate import REFERENCES
+from pipeline.run_folder import locked_folder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,13 +91,14 @@ def main() -> None:
         row["training_summary"] = summary
 
     row["evaluations"] = []
-    for index, spec in enumerate(args.eval):
-        evaluation = evaluate(output_dir, spec, args, args.cas if index == 0 else None)
-        evaluation.pop("per_seed")  # the mean and std stay; every seed's figures are in the evaluator's output
-        row["evaluations"].append(evaluation)
-        print(json.dumps({"eval": spec, "cond_accuracy": evaluation["cond_accuracy"]["mean"],
-                          "fid": evaluation["fid"]["mean"], "floor": evaluation["fid_real_floor"]["mean"]}),
-              flush=True)  # fmt: skip
+    with locked_folder(str(output_dir), "--model_dir"):  # no run may replace the model while it is measured
+        for index, spec in enumerate(args.eval):
+            evaluation = evaluate(output_dir, spec, args, args.cas if index == 0 else None)
+            evaluation.pop("per_seed")  # the mean and std stay; every seed's figures are in the evaluator's output
+            row["evaluations"].append(evaluation)
+            print(json.dumps({"eval": spec, "cond_accuracy": evaluation["cond_accuracy"]["mean"],
+                              "fid": evaluation["fid"]["mean"], "floor": evaluation["fid_real_floor"]["mean"]}),
+                  flush=True)  # fmt: skip
 
     append_row(args.results, row)
     print(json.dumps(row))

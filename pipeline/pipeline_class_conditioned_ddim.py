@@ -26,6 +26,18 @@ from .modeling_class_conditioned_unet import ClassConditionedUNet
 
 logger = logging.getLogger(__name__)
 
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device, or the host's available memory (Linux), else None (unknown: not checked)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as file:
+            fields = dict(line.split(":", 1) for line in file)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
 # "latent" is diffusers' name for the undecoded result: here the final batch in [-1, 1], before mapping to [0, 1].
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # A saved folder carries this file and the model file under these names (see `save_pretrained`).
@@ -189,6 +201,23 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
             repo_id = create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
             self._upload_folder(
                 save_directory, repo_id, token=token, commit_message=commit_message, create_pr=create_pr
+            )
+
+    def check_memory(self, batch_size: int, guided: bool) -> None:
+        """Refuse a batch that cannot fit in the device's free memory, before anything is allocated.
+
+        A rough lower bound per image: float32 feature maps of the widest level at full size, a few alive at once, and
+        the input; guidance doubles the batch. Calls far beyond it would otherwise try to allocate tens of GB first.
+        """
+        config = self.unet.config
+        bytes_per_image = 4 * config.sample_size**2 * (config.in_channels + 8 * max(config.block_out_channels))
+        needed = batch_size * bytes_per_image * (2 if guided else 1)
+        free = free_memory_bytes(self._execution_device)
+        if free is not None and needed > free:
+            raise ValueError(
+                f"{batch_size} images at once need at least {needed / 2**30:.1f} GiB, more than the "
+                f"{free / 2**30:.1f} GiB free on {self._execution_device}; ask for fewer per call (class_labels x "
+                f"num_images_per_label) and call several times."
             )
 
     @property
@@ -369,6 +398,7 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"Unknown output_type {output_type!r}; choose one of {list(OUTPUT_TYPES)}.")
         batch_size = len(class_ids)
+        self.check_memory(batch_size, guided=guidance_scale > 1.0)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"You passed {len(generator)} generators for {batch_size} images ({batch_size // num_images_per_label} "

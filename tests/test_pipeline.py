@@ -83,6 +83,7 @@ def test_get_label_ids_treats_a_string_as_one_name(tiny_pipe):
         ({"class_labels": [1], "num_images_per_label": 2.5}, ValueError, "num_images_per_label must be an integer"),
         ({"class_labels": [1], "num_inference_steps": 2.0}, ValueError, "num_inference_steps must be an integer"),
         ({"class_labels": torch.tensor([1], device="meta")}, ValueError, "meta device"),
+        ({"class_labels": [1], "num_images_per_label": 10**9}, ValueError, "images at once need at least"),
     ],
 )
 def test_bad_input_names_the_fix(tiny_pipe, kwargs, error, message):
