@@ -27,6 +27,12 @@ from .modeling_class_conditioned_unet import ClassConditionedUNet
 logger = logging.getLogger(__name__)
 
 
+def bytes_per_image(in_channels: int, resolution: int, block_out_channels: list[int]) -> int:
+    """A rough lower bound of the memory one image takes in a UNet pass: float32 feature maps of the widest level at
+    full size, a few alive at once, and the input."""
+    return 4 * resolution**2 * (in_channels + 8 * max(block_out_channels))
+
+
 def free_memory_bytes(device: torch.device) -> int | None:
     """Free memory of a CUDA device, or the host's available memory (Linux), else None (unknown: not checked)."""
     if device.type == "cuda":
@@ -204,14 +210,11 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
             )
 
     def check_memory(self, batch_size: int, guided: bool) -> None:
-        """Refuse a batch that cannot fit in the device's free memory, before anything is allocated.
-
-        A rough lower bound per image: float32 feature maps of the widest level at full size, a few alive at once, and
-        the input; guidance doubles the batch. Calls far beyond it would otherwise try to allocate tens of GB first.
-        """
+        """Refuse a batch that cannot fit in the device's free memory (see `bytes_per_image`; guidance doubles the
+        batch), before anything is allocated: calls far beyond it would otherwise try to allocate tens of GB first."""
         config = self.unet.config
-        bytes_per_image = 4 * config.sample_size**2 * (config.in_channels + 8 * max(config.block_out_channels))
-        needed = batch_size * bytes_per_image * (2 if guided else 1)
+        needed = batch_size * bytes_per_image(config.in_channels, config.sample_size, config.block_out_channels)
+        needed *= 2 if guided else 1
         free = free_memory_bytes(self._execution_device)
         if free is not None and needed > free:
             raise ValueError(

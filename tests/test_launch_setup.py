@@ -15,7 +15,7 @@ import train_conditional
 from pipeline.distillation import ConsistencyDistillation, DistillationObjective
 from pipeline.errors import UsageError
 from pipeline.evaluate import generate_for_evaluation
-from pipeline.training import check_devices, refuse_sharding
+from pipeline.training import check_devices, check_step_memory, refuse_sharding
 from tests.conftest import REPO_ROOT, exit_code_and_stderr
 
 
@@ -118,6 +118,13 @@ def test_each_process_draws_its_share_and_the_gathered_set_is_the_whole_one(tiny
     assert [len(process.share) for process in processes] == [per_process] * num_processes  # not 10 each
     gathered = torch.cat([process.share for process in processes])[:10]
     torch.testing.assert_close(gathered, whole, rtol=0, atol=1e-5)
+
+
+def test_a_resolution_whose_first_step_cannot_fit_is_refused_before_the_data_is_decoded():
+    args = train_conditional.parse_args(["--resolution", "4096"])  # a multiple of 4: the UNet could take it
+    with pytest.raises(UsageError, match=r"At --resolution 4096, one training pass of 128 images needs at least"):
+        check_step_memory(args, 4096, micro_batch_size=128, device=torch.device("cpu"))
+    check_step_memory(args, 28, micro_batch_size=128, device=torch.device("cpu"))  # MNIST's size fits
 
 
 def test_gpu_check_dry_run_lists_every_step_with_its_own_timeout():
