@@ -11,7 +11,6 @@ The folder (or Hub id) is loaded with this package's code and safetensors weight
 import argparse
 import os
 import queue
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import gradio as gr
 import torch
 from diffusers import DiffusionPipeline
 
-from pipeline.errors import UsageError
+from pipeline.errors import one_line_errors
 from pipeline.grid import labelled_grid
 from pipeline.loading import load_pipeline
 from pipeline.schedulers import SCHEDULERS, set_scheduler
@@ -230,8 +229,5 @@ def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     arguments = parse_args()
-    try:
+    with one_line_errors():  # a bad model folder or id
         main(arguments)
-    except UsageError as error:  # a bad model folder or id: one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)

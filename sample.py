@@ -11,9 +11,8 @@ without this package) is never run unless you pass --trust_remote_code.
 
 import argparse
 import os
-import sys
 
-from pipeline.errors import UsageError
+from pipeline.errors import UsageError, one_line_errors
 from pipeline.schedulers import SCHEDULERS, add_guidance_interval_flag
 
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -155,14 +154,9 @@ def main(args: argparse.Namespace) -> None:
 def cli(argv: list[str] | None = None) -> None:
     """The command line: bad input (model folder, labels, output path) ends in one line and exit code 2."""
     arguments = parse_args(argv)
-    try:
+    # Ctrl-C: every image already written is complete (see main)
+    with one_line_errors(interrupted="interrupted; the images written so far are complete"):
         main(arguments)
-    except UsageError as error:  # one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C: every image already written is complete (see main)
-        print("error: interrupted; the images written so far are complete", file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.errors import UsageError
+from pipeline.errors import UsageError, one_line_errors
 from pipeline.presets import PRESETS, resolve_batch_size
 from pipeline.schedulers import SCHEDULERS, add_guidance_interval_flag
 
@@ -444,17 +444,16 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
 
 
 def main(args: argparse.Namespace) -> None:
-    from pipeline.errors import TrainingError
     from pipeline.training import train
 
     created_output_dir = not os.path.exists(args.output_dir)
-    try:
-        train(args)
-    except (UsageError, TrainingError) as error:  # bad input, or a run that could not go on: one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
+
+    def leave_no_empty_folder() -> None:
         if created_output_dir:
             remove_if_empty(args.output_dir)
-        sys.exit(error.exit_code)
+
+    with one_line_errors(on_error=leave_no_empty_folder):  # bad input, or a run that could not go on
+        train(args)
 
 
 def remove_if_empty(folder: str) -> None:

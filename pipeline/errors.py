@@ -1,7 +1,10 @@
-"""The two errors the command-line scripts turn into one line on stderr instead of a traceback.
-
-Anything else (a real bug) keeps its traceback.
+"""The two errors the command-line scripts turn into one line on stderr instead of a traceback, and the one place
+that does it (`one_line_errors`). Anything else (a real bug) keeps its traceback.
 """
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 
 class UsageError(ValueError):
@@ -20,3 +23,24 @@ class TrainingError(RuntimeError):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+@contextmanager
+def one_line_errors(on_error: Callable[[], None] | None = None, interrupted: str | None = None) -> Iterator[None]:
+    """Every entry point's error path: a `UsageError` or `TrainingError` raised in the block ends the program with
+    `error: <message>` on stderr and the error's own exit code (2 for bad input, 1 or 128 + signal for a run that
+    could not go on), after `on_error()` (e.g. removing a folder the run created and left empty). With `interrupted`,
+    Ctrl-C ends it with that line and exit code 130.
+    """
+    try:
+        yield
+    except (UsageError, TrainingError) as error:
+        if on_error is not None:
+            on_error()
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        print(f"error: {interrupted}", file=sys.stderr)
+        sys.exit(130)

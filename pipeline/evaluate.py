@@ -28,7 +28,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from .classifier import MNISTClassifier, accuracy, fit_classifier, load_fit_and_validation, load_or_train_classifier
 from .data import DEFAULT_FORMAT, DataFormat, ImageClassData, load_split
-from .errors import UsageError
+from .errors import UsageError, one_line_errors
 from .loading import load_pipeline
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
 from .schedulers import SCHEDULERS, add_guidance_interval_flag, set_scheduler
@@ -409,8 +409,5 @@ def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     arguments = parse_args()
-    try:
+    with one_line_errors():  # bad model folder, dataset or flags
         main(arguments)
-    except UsageError as error:  # bad model folder, dataset or flags: one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)

@@ -13,7 +13,7 @@ from diffusers.training_utils import EMAModel
 
 import train_conditional
 from pipeline.distillation import ConsistencyDistillation, DistillationObjective
-from pipeline.errors import UsageError
+from pipeline.errors import TrainingError, UsageError, one_line_errors
 from pipeline.evaluate import generate_for_evaluation
 from pipeline.training import check_devices, check_step_memory, refuse_sharding
 from tests.conftest import REPO_ROOT, exit_code_and_stderr
@@ -140,3 +140,16 @@ def test_gpu_check_dry_run_lists_every_step_with_its_own_timeout():
     assert sum(int(line.split(" timeout ")[1].split()[0]) + 5 for line in steps) <= 8 * 60
     bad = subprocess.run(["bash", "bench/gpu_check.sh", "--nonsense"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+@pytest.mark.parametrize("error, code", [(UsageError("bad flag"), 2), (TrainingError("stopped", exit_code=143), 143)])
+def test_one_error_path_prints_one_line_with_the_errors_own_exit_code(capsys, error, code):
+    cleaned = []
+    with pytest.raises(SystemExit) as exit_info, one_line_errors(on_error=lambda: cleaned.append(True)):
+        raise error
+    assert exit_info.value.code == code and capsys.readouterr().err == f"error: {error}\n" and cleaned == [True]
+    with pytest.raises(SystemExit) as exit_info, one_line_errors(interrupted="interrupted"):
+        raise KeyboardInterrupt
+    assert exit_info.value.code == 130
+    with pytest.raises(KeyboardInterrupt), one_line_errors():  # nothing to say about it: Python's own handling
+        raise KeyboardInterrupt
