@@ -35,9 +35,9 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
 EMA_FILE = "ema_shadow_params.safetensors"
 PIPELINE_STAGING = ".pipeline.tmp"
-# The flags that define a run, recorded in every checkpoint and compared on resume (besides the seed, the global batch
-# and the number of training images, which fix the data order and every step's noise). The architecture is compared
-# as the built model's config, so a --model_config counts too.
+# The flags that define a run, recorded under "recipe" in every checkpoint and compared on resume (besides the seed,
+# the global batch and the number of training images, which fix the data order and every step's noise). The
+# architecture is compared as the built model's config, so a --model_config counts too.
 RECIPE_FLAGS = (
     "dataset", "image_column", "label_column", "resolution",
     "prediction_type", "beta_schedule", "num_train_timesteps", "snr_gamma", "class_dropout_prob",
@@ -274,9 +274,14 @@ def load_checkpoint(
             saved_state = json.load(file)
     except (OSError, ValueError) as error:
         raise UsageError(f"Cannot resume from {path}: its {STATE_FILE} is missing or damaged ({error}).") from error
-    # Settings a checkpoint of an older version did not record are not compared.
-    changed = {key: (saved_state[key], value) for key, value in run_state.items()
-               if key in saved_state and saved_state[key] != value}  # fmt: skip
+    # The data position's settings at the top, the rest under "recipe"; what an older version did not record is not
+    # compared.
+    saved_recipe = saved_state.get("recipe", {})
+    pairs = {**{key: (saved_state[key], value) for key, value in run_state.items()
+                if key != "recipe" and key in saved_state},
+             **{key: (saved_recipe[key], value) for key, value in run_state.get("recipe", {}).items()
+                if key in saved_recipe}}  # fmt: skip
+    changed = {key: (saved, now) for key, (saved, now) in pairs.items() if saved != now}
     if changed:
         details = ", ".join(f"--{key} {flag_text(saved)} (now {flag_text(now)})"
                             for key, (saved, now) in changed.items())  # fmt: skip

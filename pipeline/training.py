@@ -354,13 +354,13 @@ def train(args: argparse.Namespace) -> None:
     check_devices(accelerator.device, modules)
     logger.info(f"On {accelerator.device}: {', '.join(name for name, module in modules.items() if module is not None)}")
     # What defines the run: a checkpoint only continues it under the same values (checked on resume).
-    run_state = {"seed": args.seed, "global_batch_size": global_batch_size, "max_train_samples": num_samples,
-                 **{flag: getattr(args, flag, None) for flag in RECIPE_FLAGS},
-                 **{flag: accelerator.unwrap_model(model).config[flag] for flag in ARCHITECTURE_FLAGS}}  # fmt: skip
+    recipe = {**{flag: getattr(args, flag, None) for flag in RECIPE_FLAGS},
+              **{flag: accelerator.unwrap_model(model).config[flag] for flag in ARCHITECTURE_FLAGS}}  # fmt: skip
     for flag in ("dataset", "teacher"):  # a folder however it is spelled; a Hub id as it is
-        if run_state[flag] and os.path.isdir(run_state[flag]):
-            run_state[flag] = os.path.realpath(run_state[flag])
-    run_state = json.loads(json.dumps(run_state))  # as training_state.json holds it (tuples become lists)
+        if recipe[flag] and os.path.isdir(recipe[flag]):
+            recipe[flag] = os.path.realpath(recipe[flag])
+    run_state = {"seed": args.seed, "global_batch_size": global_batch_size, "max_train_samples": num_samples,
+                 "recipe": json.loads(json.dumps(recipe))}  # as training_state.json holds it (tuples become lists)
 
     # 5. resume: the data position and the noise follow from the global step alone
     checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
