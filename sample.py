@@ -10,7 +10,9 @@ without this package) is never run unless you pass --trust_remote_code.
 """
 
 import argparse
+import contextlib
 import os
+from collections.abc import Callable
 
 from pipeline.errors import UsageError, one_line_errors
 from pipeline.schedulers import SCHEDULERS, add_guidance_interval_flag
@@ -87,7 +89,16 @@ def class_label(text: str) -> int | str:
 
 
 def main(args: argparse.Namespace) -> None:
+    from pipeline.run_folder import locked_folder
+
+    # --output_dir has one writer at a time, found busy before anything is loaded or sampled
+    with locked_folder(args.output_dir, "--output_dir") if args.output_dir else contextlib.nullcontext():
+        sample_and_write(args)
+
+
+def sample_and_write(args: argparse.Namespace) -> None:
     import torch
+    from PIL import Image
 
     from pipeline.grid import labelled_grid
     from pipeline.loading import load_pipeline
@@ -124,31 +135,34 @@ def main(args: argparse.Namespace) -> None:
     row_names = [id_to_name[class_id] for class_id in class_ids]
     try:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        labelled_grid(images, row_names, columns=args.num_images_per_label).save(args.output)
+        grid = labelled_grid(images, row_names, columns=args.num_images_per_label)
+        image_format = Image.registered_extensions()[os.path.splitext(args.output)[1].lower()]
+        write_whole(args.output, lambda partial: grid.save(partial, format=image_format))
     except OSError as error:  # a read-only or full disk, a folder where the file should go
         raise UsageError(f"Cannot write --output {args.output!r}: {error}") from error
     print(f"Wrote {len(class_labels)} x {args.num_images_per_label} images to {args.output}")
     if args.output_dir:
         from torchvision.utils import save_image
 
-        from pipeline.run_folder import locked_folder
-
         try:
-            with locked_folder(args.output_dir, "--output_dir"):  # one writer at a time
-                for index, image in enumerate(images):
-                    name = row_names[index // args.num_images_per_label].replace("/", "_")
-                    path = os.path.join(args.output_dir, f"{index:04d}_{name}.png")
-                    # Written whole under a temporary name, then renamed: an interrupted run leaves no broken PNG.
-                    partial = os.path.join(args.output_dir, f".{index:04d}.partial")
-                    try:
-                        save_image(image.float(), partial, format="png")
-                        os.replace(partial, path)
-                    finally:
-                        if os.path.exists(partial):
-                            os.remove(partial)
+            for index, image in enumerate(images):
+                name = row_names[index // args.num_images_per_label].replace("/", "_")
+                path = os.path.join(args.output_dir, f"{index:04d}_{name}.png")
+                write_whole(path, lambda partial, image=image: save_image(image.float(), partial, format="png"))
         except OSError as error:
             raise UsageError(f"Cannot write into --output_dir {args.output_dir!r}: {error}") from error
         print(f"Wrote {len(images)} PNG files to {args.output_dir}")
+
+
+def write_whole(path: str, write: Callable[[str], None]) -> None:
+    """`write(partial)` to a temporary name beside `path`, then rename: an interrupted run leaves no broken image."""
+    partial = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def cli(argv: list[str] | None = None) -> None:

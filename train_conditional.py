@@ -449,7 +449,10 @@ def main(args: argparse.Namespace) -> None:
     created_output_dir = not os.path.exists(args.output_dir)
 
     def leave_no_empty_folder() -> None:
-        if created_output_dir:
+        from pipeline.run_folder import release_lock
+
+        # Only the process that took the lock cleans up: a run refused because another holds the folder leaves it.
+        if release_lock(args.output_dir) and created_output_dir:
             remove_if_empty(args.output_dir)
 
     with one_line_errors(on_error=leave_no_empty_folder):  # bad input, or a run that could not go on

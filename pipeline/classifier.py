@@ -135,14 +135,15 @@ def load_or_train_classifier(
     """
     dataset_dict = load_image_class_dataset(dataset, data_format.image_column, data_format.label_column)
     fingerprint = dataset_dict["train"]._fingerprint
-    if os.path.isdir(os.path.expanduser(dataset)):  # datasets' fingerprint of a local folder ignores its files
+    if os.path.isdir(os.path.expanduser(dataset)):
+        # datasets' fingerprint of a local folder ignores its files: a classifier of the old labels would be reused.
+        # (A fresh copy of the files, e.g. a new clone, has new modification times: the classifier is trained again.)
         fingerprint += "-" + local_files_key(dataset)
     fit, validation, split = fit_and_validation or load_fit_and_validation(dataset, data_format)
     settings = {"version": CLASSIFIER_VERSION, "epochs": epochs, "seed": seed, "max_train_samples": max_train_samples}
     columns = [data_format.image_column, data_format.label_column]
     if columns != [IMAGE_COLUMN, LABEL_COLUMN] or fit.image_shape != (1, 28, 28):
-        # Other columns, another size or channel count make another classifier; MNIST's keys stay as they were, so
-        # the caches already made keep serving it.
+        # Other columns, another size or channel count make another classifier (MNIST's settings stay as they were).
         settings.update(columns=columns, image_shape=list(fit.image_shape))
     key = hashlib.sha256(json.dumps([fingerprint, split, settings], sort_keys=True).encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir or DEFAULT_CACHE_DIR, f"classifier-{key}")

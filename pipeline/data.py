@@ -6,9 +6,9 @@ images would not fit comfortably in memory stays in the memory-mapped Arrow cach
 from it on demand, with the same order, results and exact resume.
 """
 
-import functools
 import hashlib
 import io
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -109,30 +109,17 @@ def fit_validation_indices(
 
 
 def local_files_key(folder: str) -> str:
-    """A key of a local dataset folder's files, their names and contents: it changes when any file does.
-
-    Hidden files and folders (a `.cache`, `.git`) are left out. The contents are hashed once per process for a given
-    set of names, sizes and modification times.
-    """
+    """A key of a local dataset folder's files: their paths, sizes and modification times (what `datasets` itself
+    keys local data files by), so it changes when any file is edited, added or removed. Hidden files and folders (a
+    `.cache`, `.git`) are left out. Cheap: no file is read."""
     folder = os.path.expanduser(folder)
     entries = []
     for root, folders, files in os.walk(folder):
         folders[:] = sorted(name for name in folders if not name.startswith("."))
         for name in sorted(name for name in files if not name.startswith(".")):
             stat = os.stat(os.path.join(root, name))
-            entries.append((os.path.relpath(os.path.join(root, name), folder), stat.st_size, stat.st_mtime_ns))
-    return _contents_key(os.path.realpath(folder), tuple(entries))
-
-
-@functools.lru_cache(maxsize=16)
-def _contents_key(folder: str, entries: tuple[tuple[str, int, int], ...]) -> str:
-    digest = hashlib.sha256()
-    for relative_path, _, _ in entries:
-        digest.update(relative_path.encode() + b"\0")
-        with open(os.path.join(folder, relative_path), "rb") as file:
-            while chunk := file.read(2**20):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
+            entries.append([os.path.relpath(os.path.join(root, name), folder), stat.st_size, stat.st_mtime_ns])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
 def load_image_class_dataset(

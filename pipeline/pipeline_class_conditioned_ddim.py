@@ -35,8 +35,10 @@ def bytes_per_image(in_channels: int, resolution: int, block_out_channels: list[
 
 def free_memory_bytes(device: torch.device) -> int | None:
     """Free memory of a CUDA device, or the host's available memory (Linux), else None (unknown: not checked)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # the driver's free memory plus what torch holds in its cache but does not use
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(
+            device
+        )
     try:
         with open("/proc/meminfo") as file:
             fields = dict(line.split(":", 1) for line in file)

@@ -54,7 +54,7 @@ from .hub import push_folder, write_model_card
 from .loading import check_folder
 from .modeling_class_conditioned_unet import ClassConditionedUNet
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline, bytes_per_image, free_memory_bytes
-from .run_folder import claim_output_dir, on_main_process, release_output_dir
+from .run_folder import claim_output_dir, on_main_process, release_lock
 from .schedulers import set_scheduler
 from .validation import (
     log_model_artifact,
@@ -357,8 +357,8 @@ def train(args: argparse.Namespace) -> None:
     recipe = {**{flag: getattr(args, flag, None) for flag in RECIPE_FLAGS},
               **{flag: accelerator.unwrap_model(model).config[flag] for flag in ARCHITECTURE_FLAGS}}  # fmt: skip
     for flag in ("dataset", "teacher"):  # a folder however it is spelled; a Hub id as it is
-        if recipe[flag] and os.path.isdir(recipe[flag]):
-            recipe[flag] = os.path.realpath(recipe[flag])
+        if recipe[flag] and os.path.isdir(os.path.expanduser(recipe[flag])):
+            recipe[flag] = os.path.realpath(os.path.expanduser(recipe[flag]))
     run_state = {"seed": args.seed, "global_batch_size": global_batch_size, "max_train_samples": num_samples,
                  "recipe": json.loads(json.dumps(recipe))}  # as training_state.json holds it (tuples become lists)
 
@@ -469,12 +469,12 @@ def train(args: argparse.Namespace) -> None:
                           global_step=global_step, steps_this_run=global_step - first_step)  # fmt: skip
         if args.wandb_log_model and wandb_run_id(accelerator):
             log_model_artifact(accelerator, args.output_dir)
-        release_output_dir(args.output_dir)
     accelerator.end_training()
 
     if args.push_to_hub and accelerator.is_main_process:
         hub_model_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
         logger.info(f"Pushed the pipeline to {push_folder(args.output_dir, hub_model_id, args.hub_token)}")
+    release_lock(args.output_dir)  # the main process's, after the trackers' last writes and the upload
 
 
 def check_launch(accelerator: Accelerator, args: argparse.Namespace) -> None:
