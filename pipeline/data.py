@@ -187,22 +187,19 @@ def load_image_class_dataset(
 
 
 def check_every_class_is_trained(dataset_dict: datasets.DatasetDict, dataset: str, label_column: str) -> None:
-    """Refuse a class that other splits (or the ClassLabel's names) have but the train split lacks: the model would
-    never learn it, and a missing highest id would even shrink the model's classes."""
+    """Refuse a class that other splits have but the train split lacks: the model would never learn it, and a missing
+    highest id would even shrink the model's classes."""
     if "train" not in dataset_dict:
         return
     trained = set(dataset_dict["train"].unique(label_column))
-    feature = dataset_dict["train"].features[label_column]
     expected = {name: set(split.unique(label_column)) for name, split in dataset_dict.items() if name != "train"}
-    if isinstance(feature, datasets.ClassLabel):
-        expected["the label names"] = set(range(feature.num_classes))
     untrained = {name: sorted(ids - trained - {-1}) for name, ids in expected.items()}  # -1: unlabelled, refused later
     untrained = {name: ids for name, ids in untrained.items() if ids}
     if untrained:
         where = "; ".join(f"{name}: {ids[:10]}" for name, ids in untrained.items())
         raise UsageError(
             f"Dataset {dataset!r} has classes without a single training image ({where}); add training images of "
-            "them, or remove them from the other splits and the label names."
+            "them, or remove them from the other splits."
         )
 
 

@@ -397,13 +397,15 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
             )
         if num_images_per_label < 1:
             raise ValueError(f"num_images_per_label must be at least 1, got {num_images_per_label}.")
-        class_ids = [i for i in self.get_label_ids(class_labels) for _ in range(num_images_per_label)]
+        label_ids = self.get_label_ids(class_labels)
+        # before the per-image list is built: a huge num_images_per_label is refused, not allocated
+        self.check_memory(len(label_ids) * num_images_per_label, guided=guidance_scale > 1.0)
+        class_ids = [i for i in label_ids for _ in range(num_images_per_label)]
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"Unknown output_type {output_type!r}; choose one of {list(OUTPUT_TYPES)}.")
         batch_size = len(class_ids)
-        self.check_memory(batch_size, guided=guidance_scale > 1.0)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"You passed {len(generator)} generators for {batch_size} images ({batch_size // num_images_per_label} "

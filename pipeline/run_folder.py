@@ -165,14 +165,19 @@ def is_project_folder(output_dir: str) -> bool:
     return any(os.path.isfile(os.path.join(path, STATE_FILE)) for path in list_checkpoints(output_dir))
 
 
-def foreign_names(output_dir: str) -> list[str]:
-    """What `output_dir` holds that no run of this project wrote: everything its record does not list."""
+def recorded_names(output_dir: str) -> set[str]:
+    """The names a run of this project writes, if `output_dir` is such a run's folder (its record, or its contents
+    for a folder written before the record existed); else none."""
     try:
         with open(os.path.join(output_dir, RECORD_FILE)) as file:
-            recorded = set(json.load(file)["names"])
+            return set(json.load(file)["names"])
     except (OSError, ValueError, KeyError, TypeError):
-        recorded = set(RUN_NAMES) if is_project_folder(output_dir) else set()
-    ours = recorded | set(HIDDEN_NAMES)
+        return set(RUN_NAMES) if is_project_folder(output_dir) else set()
+
+
+def foreign_names(output_dir: str) -> list[str]:
+    """What `output_dir` holds that no run of this project wrote: everything its record does not list."""
+    ours = recorded_names(output_dir) | set(HIDDEN_NAMES)
     # Also ours: folders being removed (`remove_folder`) and an owner file being written (`acquire_lock`).
     return sorted(name for name in os.listdir(output_dir)
                   if name not in ours and not name.endswith(".deleting") and not name.startswith(OWNER_FILE))
@@ -201,8 +206,10 @@ def claim_output_dir(
         raise UsageError(f"--output_dir {output_dir!r} is a file; pass a folder (it is created if missing).")
 
     def lock() -> str:
-        if os.path.isdir(output_dir):  # a folder of the user's files is refused untouched: not even a lock file
-            refuse_foreign_files(output_dir, resume_from_checkpoint, overwrite_output_dir)
+        if os.path.isdir(output_dir) and not recorded_names(output_dir):
+            # A folder of the user's files is refused untouched, not even a lock file written; a run's folder is
+            # checked under its lock, so that a run in progress there is named first.
+            refuse_what_a_run_would_replace(output_dir, resume_from_checkpoint, overwrite_output_dir)
         os.makedirs(output_dir, exist_ok=True)
         return acquire_lock(output_dir)
 
@@ -231,9 +238,10 @@ def claim_output_dir(
     on_main_process(accelerator, check_and_prepare)
 
 
-def refuse_foreign_files(output_dir: str, resume_from_checkpoint: str | None, overwrite_output_dir: bool) -> None:
-    """Refuse a folder where a run would replace a file no run of this project wrote, or (without a flag saying so)
-    would write beside such files."""
+def refuse_what_a_run_would_replace(
+    output_dir: str, resume_from_checkpoint: str | None, overwrite_output_dir: bool
+) -> None:
+    """Step 3 of `claim_output_dir`: the refusals, most telling first."""
     foreign = foreign_names(output_dir)
     replaced = [name for name in foreign if name in RUN_NAMES]
     if replaced:
@@ -241,19 +249,6 @@ def refuse_foreign_files(output_dir: str, resume_from_checkpoint: str | None, ov
             f"--output_dir {output_dir!r} holds files this project did not write that a run would replace "
             f"({', '.join(replaced[:5])}); choose another --output_dir (--overwrite_output_dir never replaces them)."
         )
-    if foreign and not (resume_from_checkpoint or overwrite_output_dir):
-        raise UsageError(
-            f"--output_dir {output_dir!r} holds files this project did not write ({', '.join(foreign[:5])}"
-            f"{', ...' if len(foreign) > 5 else ''}); choose another --output_dir, or pass --overwrite_output_dir to "
-            "write beside them (only the run's own files are ever replaced)."
-        )
-
-
-def refuse_what_a_run_would_replace(
-    output_dir: str, resume_from_checkpoint: str | None, overwrite_output_dir: bool
-) -> None:
-    """Step 3 of `claim_output_dir`: the refusals, checked again under the lock (the folder may have changed)."""
-    refuse_foreign_files(output_dir, resume_from_checkpoint, overwrite_output_dir)
     has_pipeline = os.path.isfile(os.path.join(output_dir, "model_index.json"))
     has_checkpoints = bool(list_checkpoints(output_dir))
     if has_pipeline and not has_checkpoints and resume_from_checkpoint and not overwrite_output_dir:
@@ -268,4 +263,10 @@ def refuse_what_a_run_would_replace(
         raise UsageError(
             f"--output_dir {output_dir!r} already holds {' and '.join(held)} of an earlier run. Pass {resume}"
             "--overwrite_output_dir to replace it, or choose another --output_dir."
+        )
+    if foreign and not (resume_from_checkpoint or overwrite_output_dir):
+        raise UsageError(
+            f"--output_dir {output_dir!r} holds files this project did not write ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); choose another --output_dir, or pass --overwrite_output_dir to "
+            "write beside them (only the run's own files are ever replaced)."
         )

@@ -95,12 +95,6 @@ def build_model(args: argparse.Namespace, train_data: ImageClassData) -> ClassCo
             f"{config.get('sample_size', 28)} pixels, but the data is {channels}-channel at {resolution}; pass "
             f"--resolution {config.get('sample_size', 28)} or another config."
         )
-    levels = len(config["block_out_channels"])
-    if resolution % 2 ** (levels - 1):  # found before training, not as a shape error deep in the UNet
-        raise UsageError(
-            f"The images are {resolution} pixels, which cannot go through the UNet's {levels} levels, each of which "
-            f"halves them: pass --resolution with a multiple of {2 ** (levels - 1)}."
-        )
     config.update(
         in_channels=channels,
         out_channels=channels,
@@ -110,9 +104,16 @@ def build_model(args: argparse.Namespace, train_data: ImageClassData) -> ClassCo
         class_dropout_prob=args.class_dropout_prob,
     )
     try:
-        return ClassConditionedUNet.from_config(config)
+        model = ClassConditionedUNet.from_config(config)
     except (TypeError, ValueError) as error:  # e.g. "layers_per_block": "two" in a hand-written config
         raise UsageError(f"Cannot build the model from {args.model_config or 'the model flags'}: {error}") from error
+    levels = len(model.config.block_out_channels)
+    if resolution % 2 ** (levels - 1):  # found before training, not as a shape error deep in the UNet
+        raise UsageError(
+            f"The images are {resolution} pixels, which cannot go through the UNet's {levels} levels, each of which "
+            f"halves them: pass --resolution with a multiple of {2 ** (levels - 1)}."
+        )
+    return model
 
 
 def diffusion_loss(
