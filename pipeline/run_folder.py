@@ -270,3 +270,23 @@ def refuse_what_a_run_would_replace(
             f"{', ...' if len(foreign) > 5 else ''}); choose another --output_dir, or pass --overwrite_output_dir to "
             "write beside them (only the run's own files are ever replaced)."
         )
+
+
+def remove_if_empty(folder: str) -> None:
+    """Remove a folder a run created when the run failed before writing a file into it (empty subfolders only, or the
+    lock and record the run takes first)."""
+    if not os.path.isdir(folder):
+        return
+    files = [os.path.join(path, name) for path, _, names in os.walk(folder) for name in names]
+    if any(os.path.basename(file) not in HIDDEN_NAMES for file in files):
+        return
+    for file in files:
+        try:
+            os.remove(file)
+        except OSError:  # another process of the run removed it first
+            pass
+    for path, _, _ in sorted(os.walk(folder), reverse=True):  # deepest first
+        try:
+            os.rmdir(path)
+        except OSError:  # another process of the run removed it first, or wrote into it
+            pass

@@ -48,13 +48,13 @@ from .checkpointing import (
 )
 from .data import DataFormat, ImageClassData, load_split
 from .distillation import ConsistencyDistillation, DistillationObjective
-from .errors import TrainingError, UsageError
+from .errors import TrainingError, UsageError, one_line_errors
 from .evaluate import EvaluationSet, load_evaluation_set
 from .hub import push_folder, write_model_card
 from .loading import check_folder
 from .modeling_class_conditioned_unet import ClassConditionedUNet
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline, bytes_per_image, free_memory_bytes
-from .run_folder import claim_output_dir, on_main_process, release_lock
+from .run_folder import claim_output_dir, on_main_process, release_lock, remove_if_empty
 from .schedulers import set_scheduler
 from .validation import (
     log_model_artifact,
@@ -476,6 +476,20 @@ def train(args: argparse.Namespace) -> None:
         hub_model_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
         logger.info(f"Pushed the pipeline to {push_folder(args.output_dir, hub_model_id, args.hub_token)}")
     release_lock(args.output_dir)  # the main process's, after the trackers' last writes and the upload
+
+
+def run(args: argparse.Namespace) -> None:
+    """What `train_conditional.py` and `distill.py` run: `train(args)` behind the one error path (one line and the
+    error's exit code); a failed start leaves no folder it created behind."""
+    created_output_dir = not os.path.exists(args.output_dir)
+
+    def leave_no_empty_folder() -> None:
+        # Only the process that took the lock cleans up: a run refused because another holds the folder leaves it.
+        if release_lock(args.output_dir) and created_output_dir:
+            remove_if_empty(args.output_dir)
+
+    with one_line_errors(on_error=leave_no_empty_folder):  # bad input, or a run that could not go on
+        train(args)
 
 
 def check_launch(accelerator: Accelerator, args: argparse.Namespace) -> None:

@@ -12,9 +12,8 @@ from diffusers import DDIMScheduler, DiffusionPipeline, LCMScheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
-import distill
 import sample
-from pipeline import ClassConditionedDDIMPipeline, ClassConditionedUNet
+from pipeline import ClassConditionedDDIMPipeline, ClassConditionedUNet, config
 from pipeline.distillation import ConsistencyDistillation, boundary_scalings
 from tests.conftest import (
     REPO_ROOT,
@@ -162,7 +161,7 @@ def test_the_student_never_overwrites_its_teacher(teacher_dir, capsys, monkeypat
               "inside": str(teacher_dir / "student"), "around": str(teacher_dir.parent)}[output]  # fmt: skip
     before = sorted(path.relative_to(teacher_dir) for path in teacher_dir.rglob("*"))
     argv = [*distill_flags(teacher_dir, folder), "--overwrite_output_dir"]
-    code, stderr = exit_code_and_stderr(distill.parse_distill_args, argv, capsys)
+    code, stderr = exit_code_and_stderr(config.parse_distill_args, argv, capsys)
     assert code == 2 and "the student would overwrite its teacher" in stderr, stderr
     assert sorted(path.relative_to(teacher_dir) for path in teacher_dir.rglob("*")) == before
 
@@ -174,5 +173,5 @@ def test_the_student_never_overwrites_its_teacher(teacher_dir, capsys, monkeypat
 ])  # fmt: skip
 def test_distill_usage_errors_exit_2(teacher_dir, tmp_path, capsys, flags, message):
     argv = distill_flags(teacher_dir, tmp_path / "out", *flags)
-    code, stderr = exit_code_and_stderr(distill.parse_distill_args, argv, capsys)
+    code, stderr = exit_code_and_stderr(config.parse_distill_args, argv, capsys)
     assert code == 2 and message in stderr, stderr

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import sample
-import train_conditional
+from pipeline import config
 from tests.conftest import REPO_ROOT, TINY_TRAIN_FLAGS, accelerate_launch, exit_code_and_stderr, run_cli
 
 
@@ -136,7 +136,7 @@ def test_train_cli_bad_dataset(tmp_path, dataset, message):
     ],
 )
 def test_train_cli_flag_errors_exit_2(tmp_path, capsys, args, message):
-    code, stderr = exit_code_and_stderr(train_conditional.parse_args, ["--output_dir", str(tmp_path / "out"), *args],
+    code, stderr = exit_code_and_stderr(config.parse_args, ["--output_dir", str(tmp_path / "out"), *args],
                                         capsys)  # fmt: skip
     assert code == 2 and message in stderr, stderr
     assert not (tmp_path / "out").exists()

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sample
-import train_conditional
+from pipeline import config
 from pipeline.checkpointing import find_checkpoint, pipeline_at_checkpoint
 from tests.conftest import (
     REPO_ROOT,
@@ -339,5 +339,5 @@ def test_resume_with_another_global_batch_is_refused(finished_run, tmp_path):
     (["--num_train_timesteps", "1"], "--default_num_inference_steps 50 is more than --num_train_timesteps 1"),
 ])  # fmt: skip
 def test_settings_the_model_cannot_take_are_refused_before_anything_runs(capsys, flags, message):
-    code, stderr = exit_code_and_stderr(train_conditional.parse_args, flags, capsys)
+    code, stderr = exit_code_and_stderr(config.parse_args, flags, capsys)
     assert code == 2 and message in stderr, stderr

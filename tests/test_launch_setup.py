@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.training_utils import EMAModel
 
-import train_conditional
+from pipeline import config
 from pipeline.distillation import ConsistencyDistillation, DistillationObjective
 from pipeline.errors import TrainingError, UsageError, one_line_errors
 from pipeline.evaluate import generate_for_evaluation
@@ -22,34 +22,34 @@ from tests.conftest import REPO_ROOT, exit_code_and_stderr
 @pytest.mark.parametrize("processes, per_process", [(1, 512), (2, 256), (8, 64), (16, 32)])
 def test_a_preset_keeps_its_global_batch_on_any_number_of_processes(monkeypatch, processes, per_process):
     monkeypatch.setenv("WORLD_SIZE", str(processes))  # what accelerate launch / torchrun set
-    args = train_conditional.parse_args(["--preset", "quality"])
+    args = config.parse_args(["--preset", "quality"])
     assert (args.global_batch_size, args.train_batch_size) == (512, per_process)
 
 
 def test_an_explicit_per_process_batch_keeps_its_meaning(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
-    args = train_conditional.parse_args(["--preset", "quality", "--train_batch_size", "100"])
+    args = config.parse_args(["--preset", "quality", "--train_batch_size", "100"])
     assert (args.train_batch_size, args.global_batch_size) == (100, 800)
-    args = train_conditional.parse_args(["--global_batch_size", "64", "--gradient_accumulation_steps", "2"])
+    args = config.parse_args(["--global_batch_size", "64", "--gradient_accumulation_steps", "2"])
     assert (args.train_batch_size, args.global_batch_size) == (4, 64)
 
 
 def test_both_batch_flags_at_once_are_refused(capsys):
     argv = ["--global_batch_size", "64", "--train_batch_size=8"]
-    code, stderr = exit_code_and_stderr(train_conditional.parse_args, argv, capsys)
+    code, stderr = exit_code_and_stderr(config.parse_args, argv, capsys)
     assert code == 2 and "not both" in stderr, stderr
 
 
 def test_a_global_batch_that_does_not_split_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    code, stderr = exit_code_and_stderr(train_conditional.parse_args, ["--preset", "quick"], capsys)
+    code, stderr = exit_code_and_stderr(config.parse_args, ["--preset", "quick"], capsys)
     assert code == 2 and "global batch 64 does not split evenly over 3 processes" in stderr, stderr
 
 
 def test_print_config_shows_the_per_process_batch(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit):
-        train_conditional.parse_args(["--preset", "quality", "--print_config"])
+        config.parse_args(["--preset", "quality", "--print_config"])
     printed = json.loads(capsys.readouterr().out)
     assert (printed["global_batch_size"], printed["train_batch_size"]) == (512, 256)
 
@@ -121,7 +121,7 @@ def test_each_process_draws_its_share_and_the_gathered_set_is_the_whole_one(tiny
 
 
 def test_a_resolution_whose_first_step_cannot_fit_is_refused_before_the_data_is_decoded():
-    args = train_conditional.parse_args(["--resolution", "4096"])  # a multiple of 4: the UNet could take it
+    args = config.parse_args(["--resolution", "4096"])  # a multiple of 4: the UNet could take it
     with pytest.raises(UsageError, match=r"At --resolution 4096, one training pass of 128 images needs at least"):
         check_step_memory(args, 4096, micro_batch_size=128, device=torch.device("cpu"))
     check_step_memory(args, 28, micro_batch_size=128, device=torch.device("cpu"))  # MNIST's size fits

@@ -39,11 +39,11 @@ def test_slurm_script_launches_once_per_node():
 
 
 def test_presets_name_real_flags_and_explicit_flags_win():
-    import train_conditional
+    from pipeline import config
     from pipeline.presets import PRESETS
 
     def resolved(*flags: str) -> dict:  # as --print_config prints them
-        return json.loads(json.dumps(vars(train_conditional.parse_args(list(flags)))))
+        return json.loads(json.dumps(vars(config.parse_args(list(flags)))))
 
     # What a user sees: --print_config in a real process prints the same resolved settings.
     printed = run_cli([sys.executable, "train_conditional.py", "--preset", "quick", "--print_config"]).stdout
