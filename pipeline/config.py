@@ -52,6 +52,17 @@ def probability(text: str) -> float:
     return value
 
 
+def check_resolution(resolution: int, block_out_channels: list[int], what: str, fix: str) -> None:
+    """Refuse a size the UNet cannot take: each level after the first halves it, and the up path must meet the down
+    path's sizes again (otherwise a shape error deep in the UNet). `what` names the size, `fix` the flag to change."""
+    levels = len(block_out_channels)
+    if resolution % 2 ** (levels - 1):
+        raise UsageError(
+            f"{what} cannot go through the UNet's {levels} levels, each of which halves it: pass {fix}a multiple of "
+            f"{2 ** (levels - 1)}"
+        )
+
+
 def build_parser(description: str = TRAIN_DESCRIPTION) -> argparse.ArgumentParser:
     """Every training flag; `distill.py` adds its own group to the same parser."""
     parser = argparse.ArgumentParser(description=description)
@@ -416,12 +427,11 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
             f"every --block_out_channels entry {args.block_out_channels} must be divisible by "
             f"--norm_num_groups {args.norm_num_groups}"
         )
-    levels = len(args.block_out_channels)
-    if args.resolution and args.resolution % 2 ** (levels - 1):
-        parser.error(
-            f"--resolution {args.resolution} cannot go through the UNet's {levels} levels, each of which halves it: "
-            f"pass a multiple of {2 ** (levels - 1)}"
-        )
+    if args.resolution:
+        try:
+            check_resolution(args.resolution, args.block_out_channels, f"--resolution {args.resolution}", "")
+        except UsageError as error:
+            parser.error(str(error))
     for flag in ("default_num_inference_steps", "validation_num_inference_steps"):
         steps = getattr(args, flag)
         if steps and steps > args.num_train_timesteps:

@@ -46,6 +46,7 @@ from .checkpointing import (
     save_checkpoint,
     save_pipeline,
 )
+from .config import check_resolution
 from .data import DataFormat, ImageClassData, load_split
 from .distillation import ConsistencyDistillation, DistillationObjective
 from .errors import TrainingError, UsageError, one_line_errors
@@ -107,12 +108,9 @@ def build_model(args: argparse.Namespace, train_data: ImageClassData) -> ClassCo
         model = ClassConditionedUNet.from_config(config)
     except (TypeError, ValueError) as error:  # e.g. "layers_per_block": "two" in a hand-written config
         raise UsageError(f"Cannot build the model from {args.model_config or 'the model flags'}: {error}") from error
-    levels = len(model.config.block_out_channels)
-    if resolution % 2 ** (levels - 1):  # found before training, not as a shape error deep in the UNet
-        raise UsageError(
-            f"The images are {resolution} pixels, which cannot go through the UNet's {levels} levels, each of which "
-            f"halves them: pass --resolution with a multiple of {2 ** (levels - 1)}."
-        )
+    # The data's own size, found before training (a --resolution flag was checked when parsed)
+    check_resolution(resolution, model.config.block_out_channels, f"The images' size, {resolution} pixels,",
+                     "--resolution with ")  # fmt: skip
     return model
 
 
