@@ -10,6 +10,6 @@ network, the noise schedule and the classes come from the teacher.
 from pipeline.config import parse_distill_args
 
 if __name__ == "__main__":
-    from pipeline.training import run
+    from pipeline.distillation import distil
 
-    run(parse_distill_args())
+    distil(parse_distill_args())

@@ -109,7 +109,8 @@ def main() -> None:
     def saved_default(seed: int) -> tuple[torch.Tensor, torch.Tensor]:  # the model as `pipe(class_labels)` samples
         return generate_for_evaluation(pipe, num_images_per_label, seed=seed)
 
-    steps, guidance_scale = pipe.config.default_num_inference_steps, pipe.config.default_guidance_scale
+    saved = pipe.sampling_settings()  # what `pipe(class_labels)` samples with
+    steps, guidance_scale = saved["num_inference_steps"], saved["guidance_scale"]
     rows.append({"setting": f"saved default: {type(pipe.scheduler).__name__} {steps} steps", "sampler": "saved",
                  "num_inference_steps": steps, "unet_calls_per_image": steps, "guidance_scale": guidance_scale,
                  **measure(saved_default, args.seeds, evaluation_set)})  # fmt: skip

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +109,7 @@ def load_fit_and_validation(
     dataset: str, data_format: DataFormat = DEFAULT_FORMAT
 ) -> tuple[ImageClassData, ImageClassData, dict]:
     """The train split of `dataset` cut into its *fit* and *validation* parts, and the record of the cut."""
-    train = load_split(dataset, "train", **asdict(data_format))
+    train = load_split(dataset, "train", data_format)
     fit_indices, validation_indices, split = fit_validation_indices(train.labels)
     return train.select(fit_indices), train.select(validation_indices), split
 
@@ -173,7 +172,7 @@ def load_or_train_classifier(
     finally:
         torch.set_num_threads(threads)
     record = {
-        "test_accuracy": accuracy(classifier, load_split(dataset, "test", **asdict(data_format))),
+        "test_accuracy": accuracy(classifier, load_split(dataset, "test", data_format)),
         "validation_accuracy": accuracy(classifier, validation),
         "num_classes": len(fit.label_names),
         "num_fit_images": len(fit),

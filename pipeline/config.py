@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from .data import add_column_flags
 from .errors import UsageError
 from .presets import PRESETS, resolve_batch_size
 from .schedulers import SCHEDULERS, add_guidance_interval_flag
@@ -63,28 +64,14 @@ def check_resolution(resolution: int, block_out_channels: list[int], what: str, 
         )
 
 
-def build_parser(description: str = TRAIN_DESCRIPTION) -> argparse.ArgumentParser:
-    """Every training flag; `distill.py` adds its own group to the same parser."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default=None,
-        help="A measured recipe (see README): seed (the notebook's), quick (15 minutes on a 2-core CPU), "
-        "cpu-hour (an hour on a 2-core CPU), quality (one GPU), smoke (a short run that shows a set-up learns). It "
-        "sets defaults; flags given explicitly still win.",
-    )
-    parser.add_argument("--print_config", action="store_true", help="Print the resolved settings as JSON and exit.")
-
-    data = parser.add_argument_group("data")
+def add_data_flags(data: argparse._ArgumentGroup) -> None:
     data.add_argument(
         "--dataset",
         default=DEFAULT_DATASET,
         help="Hub dataset id (e.g. ylecun/mnist, uoft-cs/cifar10), a local folder in that layout, or a folder of one "
         "subfolder of images per class. Default: the copy of MNIST in this repository's data/mnist.",
     )
-    data.add_argument("--image_column", default="image", help="The dataset's column of images (cifar10: img).")
-    data.add_argument("--label_column", default="label", help="The dataset's column of class ids.")
+    add_column_flags(data)
     data.add_argument(
         "--max_train_samples",
         type=positive_int,
@@ -104,7 +91,8 @@ def build_parser(description: str = TRAIN_DESCRIPTION) -> argparse.ArgumentParse
         help="Train at N x N pixels, resizing the images (default: their own size, when they all share one).",
     )
 
-    model = parser.add_argument_group("model (feeds ClassConditionedUNet's config)")
+
+def add_model_flags(model: argparse._ArgumentGroup) -> None:
     model.add_argument(
         "--model_config",
         default=None,
@@ -155,7 +143,8 @@ def build_parser(description: str = TRAIN_DESCRIPTION) -> argparse.ArgumentParse
         help="GroupNorm groups; every --block_out_channels entry must be divisible by it.",
     )
 
-    diffusion = parser.add_argument_group("diffusion")
+
+def add_diffusion_flags(diffusion: argparse._ArgumentGroup) -> None:
     diffusion.add_argument(
         "--num_train_timesteps",
         type=positive_int,
@@ -188,7 +177,8 @@ def build_parser(description: str = TRAIN_DESCRIPTION) -> argparse.ArgumentParse
         "guidance (guidance_scale > 1 when sampling) works; 0.1 is typical.",
     )
 
-    sampling = parser.add_argument_group("sampling defaults saved with the pipeline")
+
+def add_sampling_flags(sampling: argparse._ArgumentGroup) -> None:
     sampling.add_argument(
         "--default_scheduler", default="ddim", choices=sorted(SCHEDULERS), help="Sampler the saved pipeline uses."
     )
@@ -205,7 +195,8 @@ def build_parser(description: str = TRAIN_DESCRIPTION) -> argparse.ArgumentParse
         help="Part of the denoising steps that is guided when a call does not say, as fractions (default: all).",
     )
 
-    training = parser.add_argument_group("training")
+
+def add_training_flags(training: argparse._ArgumentGroup) -> None:
     training.add_argument(
         "--output_dir",
         default="output",
@@ -282,7 +273,8 @@ def build_parser(description: str = TRAIN_DESCRIPTION) -> argparse.ArgumentParse
         help="Autocast precision; default: what `accelerate launch` / its config says. fp16 needs a CUDA GPU.",
     )
 
-    hub = parser.add_argument_group("sharing")
+
+def add_hub_flags(hub: argparse._ArgumentGroup) -> None:
     hub.add_argument(
         "--push_to_hub",
         action="store_true",
@@ -295,7 +287,8 @@ def build_parser(description: str = TRAIN_DESCRIPTION) -> argparse.ArgumentParse
     )
     hub.add_argument("--hub_token", default=None, help="Hub token (default: the one `hf auth login` stored).")
 
-    ema = parser.add_argument_group("EMA (diffusers' EMAModel; the saved pipeline then holds the EMA weights)")
+
+def add_ema_flags(ema: argparse._ArgumentGroup) -> None:
     ema.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the weights.")
     ema.add_argument("--ema_max_decay", type=float, default=0.9999, help="Decay the EMA warms up to.")
     ema.add_argument(
@@ -305,10 +298,13 @@ def build_parser(description: str = TRAIN_DESCRIPTION) -> argparse.ArgumentParse
 
     # torch.compile is accelerate's: `accelerate launch --dynamo_backend inductor [--dynamo_mode reduce-overhead]`, or
     # the dynamo_config section of a launch config.
-    speed = parser.add_argument_group("speed (GPU)")
+
+
+def add_speed_flags(speed: argparse._ArgumentGroup) -> None:
     speed.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls/convolutions on Ampere+ GPUs.")
 
-    checkpoints = parser.add_argument_group("checkpoints")
+
+def add_checkpoints_flags(checkpoints: argparse._ArgumentGroup) -> None:
     checkpoints.add_argument(
         "--checkpointing_steps",
         type=positive_int,
@@ -324,7 +320,8 @@ def build_parser(description: str = TRAIN_DESCRIPTION) -> argparse.ArgumentParse
         help="'latest' (the newest checkpoint in OUTPUT_DIR, or a fresh start if none) or a checkpoint folder path.",
     )
 
-    logging = parser.add_argument_group("logging and validation")
+
+def add_logging_flags(logging: argparse._ArgumentGroup) -> None:
     logging.add_argument(
         "--report_to",
         default="none",
@@ -385,14 +382,51 @@ def build_parser(description: str = TRAIN_DESCRIPTION) -> argparse.ArgumentParse
         default=None,
         help="Train the evaluation classifier on the first N images only (tests); default: the whole split.",
     )
+
+
+def build_parser(description: str = TRAIN_DESCRIPTION) -> argparse.ArgumentParser:
+    """Every training flag; `distill.py` adds its own group to the same parser."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="A measured recipe (see README): seed (the notebook's), quick (15 minutes on a 2-core CPU), "
+        "cpu-hour (an hour on a 2-core CPU), quality (one GPU), smoke (a short run that shows a set-up learns). It "
+        "sets defaults; flags given explicitly still win.",
+    )
+    parser.add_argument("--print_config", action="store_true", help="Print the resolved settings as JSON and exit.")
+
+    add_data_flags(parser.add_argument_group("data"))
+    add_model_flags(parser.add_argument_group("model (feeds ClassConditionedUNet's config)"))
+    add_diffusion_flags(parser.add_argument_group("diffusion"))
+    add_sampling_flags(parser.add_argument_group("sampling defaults saved with the pipeline"))
+    add_training_flags(parser.add_argument_group("training"))
+    add_hub_flags(parser.add_argument_group("sharing"))
+    add_ema_flags(parser.add_argument_group("EMA (diffusers' EMAModel; the saved pipeline then holds the EMA weights)"))
+    add_speed_flags(parser.add_argument_group("speed (GPU)"))
+    add_checkpoints_flags(parser.add_argument_group("checkpoints"))
+    add_logging_flags(parser.add_argument_group("logging and validation"))
     # distill.py's flag; plain training has no teacher.
     parser.set_defaults(teacher=None)
     return parser
 
 
-def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
-    """Parse and check the flags (a preset's values become defaults, explicit flags win); exit 2 on bad input."""
-    parser = parser or build_parser()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """train_conditional.py's settings: the flags parsed and checked (a preset's values become defaults, explicit flags
+    win), each process's share of the global batch resolved; exit 2 on bad input. --print_config prints them."""
+    return printed_if_asked(check_flags(build_parser(), argv))
+
+
+def printed_if_asked(args: argparse.Namespace) -> argparse.Namespace:
+    if args.print_config:  # the settings as resolved, after the preset, the launch and a teacher
+        print(json.dumps(vars(args), indent=2))
+        sys.exit(0)
+    return args
+
+
+def check_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse with `parser`, apply the preset and the launch's batch split, and check every flag against the others."""
     args = parser.parse_args(argv)
     if args.preset:
         # Apply the preset as defaults, then parse again so that explicit flags override it.
@@ -405,9 +439,6 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         resolve_batch_size(args, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
     except UsageError as error:
         parser.error(str(error))
-    if args.print_config:
-        print(json.dumps(vars(args), indent=2))
-        sys.exit(0)
     if args.model_config:
         try:
             with open(args.model_config) as file:
@@ -488,7 +519,7 @@ def parse_distill_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(**DISTILLATION_DEFAULTS)
     if parser.parse_args(argv).preset:  # checked before parse_args applies it
         parser.error("--preset names training recipes; distill.py takes the teacher's network and its own defaults")
-    args = parse_args(argv, parser)
+    args = check_flags(parser, argv)
     if args.default_scheduler != "lcm":
         parser.error("a consistency-distilled student samples with --default_scheduler lcm only")
     teacher, output = (os.path.realpath(path) for path in (args.teacher, args.output_dir))
@@ -499,7 +530,7 @@ def parse_distill_args(argv: list[str] | None = None) -> argparse.Namespace:
             "does not change this)"
         )
     adopt_teacher_settings(parser, args)
-    return args
+    return printed_if_asked(args)
 
 
 def adopt_teacher_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

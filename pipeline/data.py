@@ -6,6 +6,7 @@ images would not fit comfortably in memory stays in the memory-mapped Arrow cach
 from it on demand, with the same order, results and exact resume.
 """
 
+import argparse
 import hashlib
 import io
 import json
@@ -42,6 +43,12 @@ class DataFormat:
 
 
 DEFAULT_FORMAT = DataFormat()  # `image` and `label` columns at the images' own size: MNIST's layout
+
+
+def add_column_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--image_column and --label_column, the `DataFormat` columns of training's and evaluation's flags."""
+    parser.add_argument("--image_column", default=IMAGE_COLUMN, help="The dataset's column of images (cifar10: img).")
+    parser.add_argument("--label_column", default=LABEL_COLUMN, help="The dataset's column of class ids.")
 
 
 @dataclass
@@ -260,10 +267,8 @@ def fits_in_memory(num_bytes: int) -> bool:
 def load_split(
     dataset: str,
     split: str = "train",
-    resolution: int | None = None,
+    data_format: DataFormat = DEFAULT_FORMAT,
     in_memory: bool | None = None,
-    image_column: str = IMAGE_COLUMN,
-    label_column: str = LABEL_COLUMN,
 ) -> ImageClassData:
     """Decode one split into uint8 images (N, C, H, W) and int64 labels.
 
@@ -277,20 +282,18 @@ def load_split(
             per class (`imagefolder`).
         split (`str`, *optional*, defaults to `"train"`):
             Which split to load.
-        resolution (`int`, *optional*):
-            Height and width of the returned images; by default the images' own size, when they all share one.
+        data_format ([`DataFormat`], *optional*, defaults to `image` and `label` at the images' own size):
+            The column of images (`img` in `uoft-cs/cifar10`), the column of class ids (integers or a `ClassLabel`),
+            and the height and width of the returned images (by default their own size, when they all share one).
         in_memory (`bool`, *optional*):
             Hold the images in memory (`True`) or read them from the memory-mapped cache per batch (`False`). By
             default: in memory when the decoded split takes at most half of the memory available, with a notice
             otherwise.
-        image_column (`str`, *optional*, defaults to `"image"`):
-            The column of images (`img` in `uoft-cs/cifar10`).
-        label_column (`str`, *optional*, defaults to `"label"`):
-            The column of class ids (integers or a `ClassLabel`).
 
     Returns:
         [`ImageClassData`]: images, labels and the label names.
     """
+    image_column, label_column, resolution = data_format.image_column, data_format.label_column, data_format.resolution
     dataset_dict = load_image_class_dataset(dataset, image_column, label_column)
     if split not in dataset_dict:
         raise UsageError(f"Dataset {dataset!r} has no split {split!r}; it has {list(dataset_dict)}.")

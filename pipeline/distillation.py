@@ -15,15 +15,22 @@ One loss evaluation, for a batch of clean images x0 and a DDIM grid of N steps o
 5. pseudo-Huber distance between the two (diffusers' default `huber_c` 0.001).
 """
 
+import argparse
 import copy
+import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
+from accelerate import Accelerator
 from diffusers import DDIMScheduler
 from diffusers.training_utils import EMAModel
 
+from .errors import UsageError
+from .loading import check_folder
 from .modeling_class_conditioned_unet import ClassConditionedUNet
+from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
+from .training import run
 
 # LCMScheduler's defaults: the student is sampled with the same boundary scalings it is trained with.
 SIGMA_DATA = 0.5
@@ -156,3 +163,55 @@ class DistillationObjective:
         self.ema_model.copy_to(self.target_network.parameters())
         with self.autocast():
             return self.distillation(model, self.target_network, clean_images, class_labels, noise, timesteps)
+
+
+def load_teacher(teacher_dir: str, dataset: str, label_names: list[str], device: torch.device) -> ClassConditionedUNet:
+    """The UNet of `--teacher`, frozen, after checking that it knows the dataset's classes."""
+    check_folder(teacher_dir)
+    teacher = ClassConditionedUNet.from_pretrained(os.path.join(teacher_dir, "unet"), use_safetensors=True)
+    teacher_labels = [teacher.config.id2label[key] for key in sorted(teacher.config.id2label, key=int)]
+    if teacher_labels != label_names:
+        raise UsageError(
+            f"The teacher {teacher_dir!r} knows the classes {teacher_labels}, but {dataset!r} has {label_names}; "
+            "distil on the dataset the teacher was trained on (--dataset)."
+        )
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+class Distillation:
+    """distill.py's task for the training loop (the counterpart of `pipeline.training.Denoising`): the student starts
+    as a copy of the frozen teacher and learns the consistency loss against its EMA, the target network; the saved
+    student samples on the DDIM grid it was distilled on."""
+
+    ema_warmup = False  # the target network: a short, constant-decay average (diffusers' LCM recipe)
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.description = f"distillation of {args.teacher}"
+        self.modules: dict[str, torch.nn.Module] = {}  # the teacher, then the target network
+
+    def start(self, model: ClassConditionedUNet, label_names: list[str], device: torch.device) -> None:
+        teacher = load_teacher(self.args.teacher, self.args.dataset, label_names, device)
+        model.load_state_dict(teacher.state_dict())
+        self.modules["teacher"] = teacher
+
+    def objective(
+        self, accelerator: Accelerator, model: torch.nn.Module, ema_model: EMAModel,
+        noise_scheduler: DDIMScheduler, args: argparse.Namespace,
+    ) -> DistillationObjective:  # fmt: skip
+        distillation = ConsistencyDistillation(self.modules["teacher"], noise_scheduler, args.teacher_guidance_scale,
+                                               args.num_ddim_timesteps, args.huber_c)  # fmt: skip
+        # The target network is built beside the prepared student, so on its device.
+        student = accelerator.unwrap_model(model, keep_torch_compile=False)
+        objective = DistillationObjective(distillation, student, ema_model, accelerator.autocast)
+        self.modules["target network"] = objective.target_network
+        return objective
+
+    def finish_pipeline(self, pipeline: ClassConditionedDDIMPipeline) -> None:
+        # LCMScheduler's k: the student samples on the DDIM grid it was distilled on
+        pipeline.scheduler.register_to_config(original_inference_steps=self.args.num_ddim_timesteps)
+
+
+def distil(args: argparse.Namespace) -> None:
+    """What distill.py runs: the training loop with the distillation task, behind the one error path."""
+    run(args, Distillation(args))

@@ -20,14 +20,14 @@ import math
 import os
 import statistics
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 from accelerate import Accelerator
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from .classifier import MNISTClassifier, accuracy, fit_classifier, load_fit_and_validation, load_or_train_classifier
-from .data import DEFAULT_FORMAT, DataFormat, ImageClassData, load_split
+from .data import DEFAULT_FORMAT, DataFormat, ImageClassData, add_column_flags, load_split
 from .errors import UsageError, one_line_errors
 from .loading import load_pipeline
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
@@ -81,7 +81,7 @@ def load_evaluation_set(
         data_format=data_format,
     )
     fit, validation, _ = fit_and_validation
-    held_out = {"test": load_split(dataset, "test", **asdict(data_format)), "validation": validation}
+    held_out = {"test": load_split(dataset, "test", data_format), "validation": validation}
     floor_source = "validation" if reference == "test" else "test"
     metric = FrechetInceptionDistance(feature=classifier, reset_real_features=False, sync_on_compute=False)
     with torch.no_grad():
@@ -294,8 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Dataset for the classifier and the real images "
         "(default: the bundled data/mnist when run from the repository, else ylecun/mnist).",
     )
-    parser.add_argument("--image_column", default="image", help="The dataset's column of images (cifar10: img).")
-    parser.add_argument("--label_column", default="label", help="The dataset's column of class ids.")
+    add_column_flags(parser)
     parser.add_argument(
         "--reference",
         choices=REFERENCES,
@@ -395,13 +394,7 @@ def main(args: argparse.Namespace) -> None:
         data_format=DataFormat(args.image_column, args.label_column),
     )
     # What the pipeline ran with: the saved default wherever a flag was not given.
-    settings = {
-        "num_inference_steps": pipe.config.default_num_inference_steps
-        if args.num_inference_steps is None
-        else args.num_inference_steps,
-        "guidance_scale": pipe.config.default_guidance_scale if args.guidance_scale is None else args.guidance_scale,
-        "guidance_interval": list(args.guidance_interval or pipe.config.default_guidance_interval),
-    }
+    settings = pipe.sampling_settings(args.num_inference_steps, args.guidance_scale, args.guidance_interval)
     scheduler = type(pipe.scheduler).__name__
     print(summary_line(results), file=sys.stderr)
     print(json.dumps({"model": args.model, "scheduler": scheduler, **settings, **results}))

@@ -231,6 +231,24 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
         id2label = self.unet.config.id2label or {i: str(i) for i in range(self.unet.config.num_classes)}
         return dict(sorted((str(name), int(class_id)) for class_id, name in id2label.items()))
 
+    def sampling_settings(
+        self,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] | list[float] | None = None,
+    ) -> dict:
+        """What a call with these arguments samples with: each `None` becomes the saved default
+        (`default_num_inference_steps`, `default_guidance_scale`, `default_guidance_interval`). `__call__` settles its
+        arguments here, so callers that report their settings (validation, evaluation) read them back from it."""
+        return {
+            "num_inference_steps": self.config.default_num_inference_steps
+            if num_inference_steps is None
+            else num_inference_steps,
+            "guidance_scale": self.config.default_guidance_scale if guidance_scale is None else guidance_scale,
+            "guidance_interval": list(self.config.default_guidance_interval if guidance_interval is None
+                                      else guidance_interval),  # fmt: skip
+        }
+
     @property
     def guidance_scale(self) -> float:
         """The guidance scale of the current (or last) call; a step callback may change it via `_guidance_scale`."""
@@ -368,8 +386,19 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the images, or `(images,)` when `return_dict` is `False`.
         """
         # 0. check inputs, all before any network call
-        if num_inference_steps is None:
-            num_inference_steps = self.config.default_num_inference_steps
+        default_guidance_scale = self.config.default_guidance_scale
+        explicitly_off = guidance_scale is not None and guidance_scale <= 1.0
+        if explicitly_off and (guidance_scale < 1.0 or default_guidance_scale > 1.0):
+            # Valid but likely unintended: diffusers' convention turns guidance off at any scale <= 1.
+            message = f"guidance_scale={guidance_scale} turns classifier-free guidance off"
+            if guidance_scale < 1.0:
+                message += "; values below 1 sample exactly as 1.0 does"
+            if default_guidance_scale > 1.0:
+                message += f"; this model's default is {default_guidance_scale} (guidance_scale=None uses it)"
+            logger.warning(message + ".")
+        settings = self.sampling_settings(num_inference_steps, guidance_scale, guidance_interval)
+        num_inference_steps, guidance_scale = settings["num_inference_steps"], settings["guidance_scale"]
+        guidance_interval = settings["guidance_interval"]
         counts = {"num_images_per_label": num_images_per_label, "num_inference_steps": num_inference_steps}
         for name, value in counts.items():
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
@@ -378,19 +407,6 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
             # nan would silently turn guidance off (nan > 1 is False) or make every image nan; inf makes nan images
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value}.")
-        default_guidance_scale = self.config.default_guidance_scale
-        if guidance_scale is None:
-            guidance_scale = default_guidance_scale
-        elif guidance_scale <= 1.0 and (guidance_scale < 1.0 or default_guidance_scale > 1.0):
-            # Valid but likely unintended: diffusers' convention turns guidance off at any scale <= 1.
-            message = f"guidance_scale={guidance_scale} turns classifier-free guidance off"
-            if guidance_scale < 1.0:
-                message += "; values below 1 sample exactly as 1.0 does"
-            if default_guidance_scale > 1.0:
-                message += f"; this model's default is {default_guidance_scale} (guidance_scale=None uses it)"
-            logger.warning(message + ".")
-        if guidance_interval is None:
-            guidance_interval = self.config.default_guidance_interval
         if len(guidance_interval) != 2 or not 0.0 <= guidance_interval[0] < guidance_interval[1] <= 1.0:
             raise ValueError(
                 f"guidance_interval must be (start, stop) with 0 <= start < stop <= 1, got {tuple(guidance_interval)}."

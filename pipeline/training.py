@@ -15,6 +15,7 @@ import os
 import resource
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -48,11 +49,9 @@ from .checkpointing import (
 )
 from .config import check_resolution
 from .data import DataFormat, ImageClassData, load_split
-from .distillation import ConsistencyDistillation, DistillationObjective
 from .errors import TrainingError, UsageError, one_line_errors
 from .evaluate import EvaluationSet, load_evaluation_set
 from .hub import push_folder, write_model_card
-from .loading import check_folder
 from .modeling_class_conditioned_unet import ClassConditionedUNet
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline, bytes_per_image, free_memory_bytes
 from .run_folder import claim_output_dir, on_main_process, release_lock, remove_if_empty
@@ -158,25 +157,13 @@ def denoising_loss(
     return diffusion_loss(model_output, clean_images, noise, timesteps, noise_scheduler, snr_gamma)
 
 
-def load_teacher(args: argparse.Namespace, label_names: list[str], device: torch.device) -> ClassConditionedUNet:
-    """The UNet of `--teacher`, frozen, after checking that it knows the dataset's classes."""
-    check_folder(args.teacher)
-    teacher = ClassConditionedUNet.from_pretrained(os.path.join(args.teacher, "unet"), use_safetensors=True)
-    teacher_labels = [teacher.config.id2label[key] for key in sorted(teacher.config.id2label, key=int)]
-    if teacher_labels != label_names:
-        raise UsageError(
-            f"The teacher {args.teacher!r} knows the classes {teacher_labels}, but {args.dataset!r} has "
-            f"{label_names}; distil on the dataset the teacher was trained on (--dataset)."
-        )
-    return teacher.to(device).eval().requires_grad_(False)
-
-
 def build_pipeline(
     accelerator: Accelerator,
     model: torch.nn.Module,
     ema_model: EMAModel | None,
     noise_scheduler: DDIMScheduler,
     args: argparse.Namespace,
+    task: "Task",
 ) -> ClassConditionedDDIMPipeline:
     """A pipeline around a float32 copy of the trained weights (EMA weights when EMA is on), on the accelerator's
     device so that validation samples there. Call on every process.
@@ -203,8 +190,7 @@ def build_pipeline(
     )
     check_devices(accelerator.device, {"validation pipeline": pipeline.unet})
     set_scheduler(pipeline, args.default_scheduler)
-    if args.teacher:  # a distilled student samples on the DDIM grid it was distilled on (LCMScheduler's k)
-        pipeline.scheduler.register_to_config(original_inference_steps=args.num_ddim_timesteps)
+    task.finish_pipeline(pipeline)
     return pipeline
 
 
@@ -238,10 +224,63 @@ def micro_batch_size_for(args: argparse.Namespace, on_cpu: bool) -> int:
     return max(size for size in range(1, CPU_MICRO_BATCH_SIZE + 1) if args.train_batch_size % size == 0)
 
 
-def train(args: argparse.Namespace) -> None:
-    run_time = RunTime(started=time.perf_counter())
-    # 1. accelerator: processes, device, precision and torch.compile (`--dynamo_backend`) come from `accelerate launch`
-    on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+class Denoising:
+    """Plain training's task (train_conditional.py): the diffusion loss from the seeded initialisation. The loop asks
+    its task four things; `pipeline.distillation.Distillation` (distill.py) answers them for a student."""
+
+    description = "training"
+    ema_warmup = True  # the EMA decay warms up (diffusers' default), so the random initial weights fade quickly
+
+    def __init__(self) -> None:
+        self.modules: dict[str, torch.nn.Module] = {}  # the networks besides the model and its EMA
+
+    def start(self, model: ClassConditionedUNet, label_names: list[str], device: torch.device) -> None:
+        """Set the freshly built model's starting weights (plain training keeps the seeded initialisation)."""
+
+    def objective(
+        self, accelerator: Accelerator, model: torch.nn.Module, ema_model: EMAModel | None,
+        noise_scheduler: DDIMScheduler, args: argparse.Namespace,
+    ) -> Callable[..., torch.Tensor]:  # fmt: skip
+        """The loss of one micro-batch: objective(model, clean_images, class_labels, noise, timesteps)."""
+        return functools.partial(denoising_loss, noise_scheduler=noise_scheduler, snr_gamma=args.snr_gamma)
+
+    def finish_pipeline(self, pipeline: ClassConditionedDDIMPipeline) -> None:
+        """Anything the saved pipeline needs beyond the run's sampling defaults (nothing here)."""
+
+
+Task = Denoising  # the interface; Distillation has the same attributes and methods
+
+
+@dataclass
+class StepPlan:
+    """The step arithmetic: one optimizer step always consumes one global batch, whatever the launch set-up."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    micro_steps: int  # micro-batches per process per optimizer step (each one an accelerate accumulation step)
+    steps_per_epoch: int
+    max_train_steps: int
+
+
+@dataclass
+class TrainingImages:
+    """The training split's first `num_samples` images and labels: on the training device, or (for a split too large
+    for memory) read per batch from the memory-mapped datasets cache."""
+
+    data: ImageClassData
+    num_samples: int
+    labels: torch.Tensor
+    images: torch.Tensor | None
+
+    def batch(self, indices: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.images[indices] if self.images is not None else self.data.take(indices.cpu()).to(device)
+        return images, self.labels[indices]
+
+
+def start_accelerator(args: argparse.Namespace) -> tuple[Accelerator, int, int]:
+    """The accelerator for the launch, with the micro-batch size and the micro-batches per optimizer step; refuses
+    set-ups that would train something else than asked."""
+    on_cpu = on_cpu_machine()
     micro_batch_size = micro_batch_size_for(args, on_cpu)
     # Every micro-batch is one accelerate accumulation step; gradients are synced once per optimizer step.
     micro_steps = args.gradient_accumulation_steps * (args.train_batch_size // micro_batch_size)
@@ -268,49 +307,97 @@ def train(args: argparse.Namespace) -> None:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     check_launch(accelerator, args)
-    # Locked for this run, shared by every machine, holding nothing this run would wrongly replace.
-    claim_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    return accelerator, micro_batch_size, micro_steps
 
-    # 2. data: decoded once into a uint8 tensor that lives on the training device (or, for a split too large for
-    # memory, read per batch from the memory-mapped datasets cache)
+
+def on_cpu_machine() -> bool:
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
+def load_training_images(accelerator: Accelerator, args: argparse.Namespace, micro_batch_size: int) -> TrainingImages:
+    """The training split, decoded once into uint8 at the data's own size (or `--resolution`)."""
     if args.resolution:  # before decoding the data at that size
         check_step_memory(args, args.resolution, micro_batch_size, accelerator.device)
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others reuse it
-        train_data = load_split(args.dataset, "train", args.resolution, in_memory=False if args.lazy_data else None,
-                                image_column=args.image_column, label_column=args.label_column)  # fmt: skip
-    args.resolution = train_data.image_shape[1]  # the data's own size unless --resolution: the config records it
-    num_samples = min(len(train_data), args.max_train_samples or len(train_data))
-    if train_data.in_memory:
-        images_on_device = train_data.images[:num_samples].to(accelerator.device)
-    class_labels_all = train_data.labels[:num_samples].to(accelerator.device)
+        data_format = DataFormat(args.image_column, args.label_column, args.resolution)
+        data = load_split(args.dataset, "train", data_format, in_memory=False if args.lazy_data else None)
+    num_samples = min(len(data), args.max_train_samples or len(data))
+    images = data.images[:num_samples].to(accelerator.device) if data.in_memory else None
+    return TrainingImages(data, num_samples, data.labels[:num_samples].to(accelerator.device), images)
+
+
+def check_labels(dataset: str, labels: torch.Tensor, num_classes: int) -> None:
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise UsageError(
+            f"Dataset {dataset!r} has labels outside 0..{num_classes - 1} (from {low} to {high}; -1 marks unlabelled "
+            "rows): every training image needs one of its classes."
+        )
+
+
+def build_ema(
+    args: argparse.Namespace, model: ClassConditionedUNet, task: Task, device: torch.device
+) -> EMAModel | None:
+    if not args.use_ema:
+        return None
+    ema_model = EMAModel(
+        model.parameters(),
+        decay=args.ema_max_decay,
+        use_ema_warmup=task.ema_warmup,
+        inv_gamma=args.ema_inv_gamma,
+        power=args.ema_power,
+        model_cls=ClassConditionedUNet,
+        model_config=model.config,
+        foreach=True,  # one fused update instead of a kernel per parameter tensor
+    )
+    ema_model.to(device)
+    return ema_model
+
+
+def plan_steps(
+    args: argparse.Namespace, num_processes: int, num_samples: int, micro_batch_size: int, micro_steps: int
+) -> StepPlan:
+    global_batch_size = args.train_batch_size * num_processes * args.gradient_accumulation_steps
+    steps_per_epoch = num_samples // global_batch_size  # the incomplete last batch is dropped
+    if steps_per_epoch == 0:
+        raise UsageError(
+            f"The global batch ({global_batch_size} = {args.train_batch_size} per process x {num_processes} processes "
+            f"x {args.gradient_accumulation_steps} accumulation steps) is larger than the dataset ({num_samples} "
+            "images); lower --train_batch_size."
+        )
+    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    return StepPlan(global_batch_size, micro_batch_size, micro_steps, steps_per_epoch, max_train_steps)
+
+
+def run_recipe(args: argparse.Namespace, unet_config: dict) -> dict:
+    """What defines the run: a checkpoint only continues it under the same values (checked on resume). The image
+    size is the model's (the data's own unless --resolution), the architecture the built model's config."""
+    recipe = {**{flag: getattr(args, flag, None) for flag in RECIPE_FLAGS},
+              **{flag: unet_config[flag] for flag in ARCHITECTURE_FLAGS},
+              "resolution": unet_config["sample_size"]}  # fmt: skip
+    for flag in ("dataset", "teacher"):  # a folder however it is spelled; a Hub id as it is
+        if recipe[flag] and os.path.isdir(os.path.expanduser(recipe[flag])):
+            recipe[flag] = os.path.realpath(os.path.expanduser(recipe[flag]))
+    return json.loads(json.dumps(recipe))  # as training_state.json holds it (tuples become lists)
+
+
+def train(args: argparse.Namespace, task: Task | None = None) -> None:
+    task = task or Denoising()
+    run_time = RunTime(started=time.perf_counter())
+    # 1. accelerator: processes, device, precision and torch.compile (`--dynamo_backend`) come from `accelerate launch`
+    accelerator, micro_batch_size, micro_steps = start_accelerator(args)
+    # Locked for this run, shared by every machine, holding nothing this run would wrongly replace.
+    claim_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+
+    # 2. data: decoded once into a uint8 tensor that lives on the training device
+    images = load_training_images(accelerator, args, micro_batch_size)
 
     # 3. model (built after set_seed so the seed also fixes the initial weights), EMA, noise scheduler, optimizer
     set_seed(args.seed)
-    model = build_model(args, train_data)
-    low, high = int(train_data.labels.min()), int(train_data.labels.max())
-    if low < 0 or high >= model.config.num_classes:
-        raise UsageError(
-            f"Dataset {args.dataset!r} has labels outside 0..{model.config.num_classes - 1} (from {low} to {high}; "
-            "-1 marks unlabelled rows): every training image needs one of its classes."
-        )
-    null_class_id = model.null_class_id
-    teacher = None
-    if args.teacher:  # distillation (distill.py): the student starts as a copy of the teacher
-        teacher = load_teacher(args, train_data.label_names, accelerator.device)
-        model.load_state_dict(teacher.state_dict())
-    ema_model = None
-    if args.use_ema:
-        ema_model = EMAModel(
-            model.parameters(),
-            decay=args.ema_max_decay,
-            use_ema_warmup=not args.teacher,  # distillation's target network: a short, constant-decay average
-            inv_gamma=args.ema_inv_gamma,
-            power=args.ema_power,
-            model_cls=ClassConditionedUNet,
-            model_config=model.config,
-            foreach=True,  # one fused update instead of a kernel per parameter tensor
-        )
-        ema_model.to(accelerator.device)
+    model = build_model(args, images.data)
+    check_labels(args.dataset, images.data.labels, model.config.num_classes)
+    task.start(model, images.data.label_names, accelerator.device)  # a student starts as a copy of its teacher
+    ema_model = build_ema(args, model, task, accelerator.device)
     noise_scheduler = DDIMScheduler(
         num_train_timesteps=args.num_train_timesteps,
         beta_schedule=args.beta_schedule,
@@ -323,43 +410,20 @@ def train(args: argparse.Namespace) -> None:
     needed = pipeline_size + checkpoint_size * bool(args.checkpointing_steps)
     ensure_free_space(accelerator, args.output_dir, needed, "a checkpoint and the final pipeline")
 
-    # 4. the step arithmetic: one optimizer step always consumes one global batch
-    global_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    steps_per_epoch = num_samples // global_batch_size  # the incomplete last batch is dropped
-    if steps_per_epoch == 0:
-        raise UsageError(
-            f"The global batch ({global_batch_size} = {args.train_batch_size} per process x "
-            f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation "
-            f"steps) is larger than the dataset ({num_samples} images); lower --train_batch_size."
-        )
-    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
-    # The LR schedule is stepped once per optimizer step by us, not by accelerate (whose prepared scheduler steps
-    # once per process), so warmup and decay count optimizer steps whatever the launch set-up.
+    # 4. the step arithmetic, the LR schedule (stepped once per optimizer step by us, not by accelerate, whose prepared
+    # scheduler steps once per process, so warmup and decay count optimizer steps whatever the launch set-up)
+    steps = plan_steps(args, accelerator.num_processes, images.num_samples, micro_batch_size, micro_steps)
     lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=steps.max_train_steps
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    target_network = None
-    if teacher is None:
-        objective = functools.partial(denoising_loss, noise_scheduler=noise_scheduler, snr_gamma=args.snr_gamma)
-    else:  # the target network is built beside the prepared student, so on its device
-        distillation = ConsistencyDistillation(
-            teacher, noise_scheduler, args.teacher_guidance_scale, args.num_ddim_timesteps, args.huber_c
-        )
-        student = accelerator.unwrap_model(model, keep_torch_compile=False)
-        objective = DistillationObjective(distillation, student, ema_model, accelerator.autocast)
-        target_network = objective.target_network
-    modules = {"model": model, "EMA": ema_model, "teacher": teacher, "target network": target_network}
+    objective = task.objective(accelerator, model, ema_model, noise_scheduler, args)
+    modules = {"model": model, "EMA": ema_model, **task.modules}
     check_devices(accelerator.device, modules)
     logger.info(f"On {accelerator.device}: {', '.join(name for name, module in modules.items() if module is not None)}")
-    # What defines the run: a checkpoint only continues it under the same values (checked on resume).
-    recipe = {**{flag: getattr(args, flag, None) for flag in RECIPE_FLAGS},
-              **{flag: accelerator.unwrap_model(model).config[flag] for flag in ARCHITECTURE_FLAGS}}  # fmt: skip
-    for flag in ("dataset", "teacher"):  # a folder however it is spelled; a Hub id as it is
-        if recipe[flag] and os.path.isdir(os.path.expanduser(recipe[flag])):
-            recipe[flag] = os.path.realpath(os.path.expanduser(recipe[flag]))
-    run_state = {"seed": args.seed, "global_batch_size": global_batch_size, "max_train_samples": num_samples,
-                 "recipe": json.loads(json.dumps(recipe))}  # as training_state.json holds it (tuples become lists)
+    unet_config = accelerator.unwrap_model(model).config
+    run_state = {"seed": args.seed, "global_batch_size": steps.global_batch_size,
+                 "max_train_samples": images.num_samples, "recipe": run_recipe(args, unet_config)}  # fmt: skip
 
     # 5. resume: the data position and the noise follow from the global step alone
     checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
@@ -369,102 +433,33 @@ def train(args: argparse.Namespace) -> None:
         saved_state = load_checkpoint(accelerator, checkpoint, run_state, lr_scheduler, ema_model)
     elif args.resume_from_checkpoint:
         logger.info(f"No checkpoint found in {args.output_dir}; starting a new run.")
-    global_step = first_step = saved_state.get("global_step", 0)
+    first_step = saved_state.get("global_step", 0)
     run_time.resumed(saved_state)
 
     # 6. trackers (a resumed run continues its W&B run) and the evaluation set for the validation metrics
+    settings = run_settings(args, unet_config)
     if accelerator.is_main_process:
-        project, init_kwargs = tracker_init_kwargs(args, trackers, saved_state.get("wandb_run_id"))
-        accelerator.init_trackers(project, config=tracker_config(args), init_kwargs=init_kwargs)
-    evaluation = load_validation_evaluation(accelerator, args)
+        project, init_kwargs = tracker_init_kwargs(args, tracker_names(args.report_to), saved_state.get("wandb_run_id"))
+        accelerator.init_trackers(project, config=tracker_config(settings), init_kwargs=init_kwargs)
+    evaluation = load_validation_evaluation(accelerator, args, unet_config["sample_size"])
     check_devices(accelerator.device, {"evaluation classifier": evaluation and evaluation.classifier})
-    log_banner(args, num_samples, steps_per_epoch, max_train_steps, global_batch_size, micro_batch_size, micro_steps)
+    log_banner(args, task, settings, images.num_samples, steps)
 
     # Train!
-    stop_signals = StopSignals(accelerator)
-    divergence = DivergenceCheck(accelerator)
-    window = LoggingWindow(accelerator, global_batch_size, first_step)
-    progress_bar = tqdm(
-        range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
-    model.train()
-    permutation_epoch, permutation = None, None
-    while global_step < max_train_steps:
-        epoch, batch_in_epoch = divmod(global_step, steps_per_epoch)
-        if epoch != permutation_epoch:
-            permutation_epoch = epoch
-            permutation = epoch_permutation(args.seed, epoch, num_samples).to(accelerator.device)
-        global_indices = permutation[batch_in_epoch * global_batch_size : (batch_in_epoch + 1) * global_batch_size]
-        if train_data.in_memory:
-            global_images = images_on_device[global_indices]
-        else:
-            global_images = train_data.take(global_indices.cpu()).to(accelerator.device)
-        global_labels = class_labels_all[global_indices]
-        # Noise, timesteps and class dropout for the whole global batch; each process slices its own part.
-        draw = draw_global_batch_noise(args.seed, global_step, global_images.shape, args.num_train_timesteps,
-                                       args.class_dropout_prob, accelerator.device)  # fmt: skip
-        log_this_step = (global_step + 1) % args.logging_steps == 0 or global_step + 1 == max_train_steps
-
-        for micro_step in range(micro_steps):
-            local = local_chunk(micro_step, accelerator.process_index, accelerator.num_processes, micro_batch_size)
-            with accelerator.accumulate(model):
-                clean_images = global_images[local].float() / 127.5 - 1  # uint8 0..255 -> [-1, 1], as in the seed
-                class_labels = torch.where(draw.dropped[local], null_class_id, global_labels[local])
-                loss = objective(model, clean_images, class_labels, draw.noise[local], draw.timesteps[local])
-
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and (args.max_grad_norm or log_this_step):
-                    # With max_norm=inf this only measures the norm (grads are multiplied by exactly 1.0).
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window.add(loss.detach() / micro_steps)  # the step's loss: the mean over its micro-batches
-            divergence.record(loss.detach(), global_step + 1)
-
-        # One optimizer step is done (accelerate synced the gradients on the last micro step).
-        lr_scheduler.step()
-        if ema_model is not None:
-            ema_model.step(model.parameters())
-        global_step += 1
-        progress_bar.update(1)
-
-        # check_trigger reads a flag back from the device: on a GPU only at steps that sync anyway, so that the host
-        # can queue the next step while this one runs (a stop then waits at most --logging_steps steps).
-        save_due = bool(args.checkpointing_steps) and global_step % args.checkpointing_steps == 0
-        stop_requested = accelerator.check_trigger() if (on_cpu or log_this_step or save_due) else False
-        if log_this_step or save_due or stop_requested:
-            divergence.raise_if_diverged(args.output_dir)  # nothing is logged or saved from a diverged run
-        if log_this_step:
-            logs = {**window.close(global_step), "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
-                    "epoch": global_step / steps_per_epoch}  # fmt: skip
-            if ema_model is not None:
-                logs["ema_decay"] = ema_model.cur_decay_value
-            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_s']:.0f}")
-            accelerator.log(logs, step=global_step)
-        if save_due or stop_requested:
-            checkpoint = save_checkpoint(
-                accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
-                {**run_state, "train_time_s": run_time.total_s(), "segment": run_time.segment,
-                 "wandb_run_id": wandb_run_id(accelerator)},
-                lr_scheduler, ema_model, needed_bytes=checkpoint_size,
-            )  # fmt: skip
-        if stop_requested:
-            raise stop_signals.stopped_error(global_step, max_train_steps, checkpoint)
-        if args.validation_steps and global_step % args.validation_steps == 0 and global_step < max_train_steps:
-            pipeline = build_pipeline(accelerator, model, ema_model, noise_scheduler, args)
-            log_validation(accelerator, pipeline, args, global_step, evaluation)  # every process draws its share
+    training = Training(accelerator, args, task, model, ema_model, noise_scheduler, optimizer, lr_scheduler, objective,
+                        images, steps, run_state, checkpoint_size, run_time, evaluation)  # fmt: skip
+    global_step, window, divergence = train_loop(training, first_step)
 
     # 7. the final pipeline: exactly what `ClassConditionedDDIMPipeline.from_pretrained(output_dir)` loads
-    progress_bar.close()
     accelerator.wait_for_everyone()
     divergence.raise_if_diverged(args.output_dir)
-    pipeline = build_pipeline(accelerator, model, ema_model, noise_scheduler, args)
+    pipeline = training.pipeline()
     # Saved before the final validation, so that nothing after it can cost the trained weights.
     on_main_process(accelerator, lambda: save_pipeline(pipeline, args.output_dir, needed_bytes=pipeline_size))
     logger.info(f"Saved the pipeline to {args.output_dir}")
     final_metrics = log_validation(accelerator, pipeline, args, global_step, evaluation)
     if accelerator.is_main_process:
-        write_run_summary(accelerator, model, args, pipeline, window, run_time, final_metrics,
+        write_run_summary(accelerator, model, settings, pipeline, window, run_time, final_metrics,
                           global_step=global_step, steps_this_run=global_step - first_step)  # fmt: skip
         if args.wandb_log_model and wandb_run_id(accelerator):
             log_model_artifact(accelerator, args.output_dir)
@@ -476,9 +471,113 @@ def train(args: argparse.Namespace) -> None:
     release_lock(args.output_dir)  # the main process's, after the trackers' last writes and the upload
 
 
-def run(args: argparse.Namespace) -> None:
-    """What `train_conditional.py` and `distill.py` run: `train(args)` behind the one error path (one line and the
-    error's exit code); a failed start leaves no folder it created behind."""
+@dataclass
+class Training:
+    """What the loop works on, built once by `train`."""
+
+    accelerator: Accelerator
+    args: argparse.Namespace
+    task: Task
+    model: torch.nn.Module
+    ema_model: EMAModel | None
+    noise_scheduler: DDIMScheduler
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    objective: Callable[..., torch.Tensor]
+    images: TrainingImages
+    steps: StepPlan
+    run_state: dict  # what every checkpoint records and a resume must match
+    checkpoint_size: int
+    run_time: "RunTime"
+    evaluation: EvaluationSet | None
+
+    def pipeline(self) -> ClassConditionedDDIMPipeline:
+        return build_pipeline(self.accelerator, self.model, self.ema_model, self.noise_scheduler, self.args, self.task)
+
+
+def train_loop(training: Training, first_step: int) -> tuple[int, "LoggingWindow", "DivergenceCheck"]:
+    """From `first_step` to the last: every optimizer step, its logging, checkpoints, stop signals and validation.
+    Returns the last step, the logging window and the divergence check for the end of the run."""
+    accelerator, args, model, steps, images = (training.accelerator, training.args, training.model, training.steps,
+                                               training.images)  # fmt: skip
+    null_class_id = accelerator.unwrap_model(model).null_class_id
+    on_cpu = on_cpu_machine()
+    stop_signals = StopSignals(accelerator)
+    divergence = DivergenceCheck(accelerator)
+    window = LoggingWindow(accelerator, steps.global_batch_size, first_step)
+    progress_bar = tqdm(range(steps.max_train_steps), initial=first_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)  # fmt: skip
+    model.train()
+    global_step = first_step
+    permutation_epoch, permutation = None, None
+    while global_step < steps.max_train_steps:
+        epoch, batch_in_epoch = divmod(global_step, steps.steps_per_epoch)
+        if epoch != permutation_epoch:
+            permutation_epoch = epoch
+            permutation = epoch_permutation(args.seed, epoch, images.num_samples).to(accelerator.device)
+        batch_slice = slice(batch_in_epoch * steps.global_batch_size, (batch_in_epoch + 1) * steps.global_batch_size)
+        global_images, global_labels = images.batch(permutation[batch_slice], accelerator.device)
+        # Noise, timesteps and class dropout for the whole global batch; each process slices its own part.
+        draw = draw_global_batch_noise(args.seed, global_step, global_images.shape, args.num_train_timesteps,
+                                       args.class_dropout_prob, accelerator.device)  # fmt: skip
+        log_this_step = (global_step + 1) % args.logging_steps == 0 or global_step + 1 == steps.max_train_steps
+
+        for micro_step in range(steps.micro_steps):
+            local = local_chunk(micro_step, accelerator.process_index, accelerator.num_processes,
+                                steps.micro_batch_size)  # fmt: skip
+            with accelerator.accumulate(model):
+                clean_images = global_images[local].float() / 127.5 - 1  # uint8 0..255 -> [-1, 1], as in the seed
+                class_labels = torch.where(draw.dropped[local], null_class_id, global_labels[local])
+                loss = training.objective(model, clean_images, class_labels, draw.noise[local], draw.timesteps[local])
+
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and (args.max_grad_norm or log_this_step):
+                    # With max_norm=inf this only measures the norm (grads are multiplied by exactly 1.0).
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+                training.optimizer.step()
+                training.optimizer.zero_grad(set_to_none=True)
+            window.add(loss.detach() / steps.micro_steps)  # the step's loss: the mean over its micro-batches
+            divergence.record(loss.detach(), global_step + 1)
+
+        # One optimizer step is done (accelerate synced the gradients on the last micro step).
+        training.lr_scheduler.step()
+        if training.ema_model is not None:
+            training.ema_model.step(model.parameters())
+        global_step += 1
+        progress_bar.update(1)
+
+        # check_trigger reads a flag back from the device: on a GPU only at steps that sync anyway, so that the host
+        # can queue the next step while this one runs (a stop then waits at most --logging_steps steps).
+        save_due = bool(args.checkpointing_steps) and global_step % args.checkpointing_steps == 0
+        stop_requested = accelerator.check_trigger() if (on_cpu or log_this_step or save_due) else False
+        if log_this_step or save_due or stop_requested:
+            divergence.raise_if_diverged(args.output_dir)  # nothing is logged or saved from a diverged run
+        if log_this_step:
+            logs = {**window.close(global_step), "lr": training.lr_scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm.item(), "epoch": global_step / steps.steps_per_epoch}  # fmt: skip
+            if training.ema_model is not None:
+                logs["ema_decay"] = training.ema_model.cur_decay_value
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_s']:.0f}")
+            accelerator.log(logs, step=global_step)
+        if save_due or stop_requested:
+            run_time = training.run_time
+            checkpoint = save_checkpoint(
+                accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
+                {**training.run_state, "train_time_s": run_time.total_s(), "segment": run_time.segment,
+                 "wandb_run_id": wandb_run_id(accelerator)},
+                training.lr_scheduler, training.ema_model, needed_bytes=training.checkpoint_size,
+            )  # fmt: skip
+        if stop_requested:
+            raise stop_signals.stopped_error(global_step, steps.max_train_steps, checkpoint)
+        if args.validation_steps and global_step % args.validation_steps == 0 and global_step < steps.max_train_steps:
+            log_validation(accelerator, training.pipeline(), args, global_step, training.evaluation)  # every process
+    progress_bar.close()
+    return global_step, window, divergence
+
+
+def run(args: argparse.Namespace, task: Task | None = None) -> None:
+    """What `train_conditional.py` and `distill.py` run: `train(args, task)` behind the one error path (one line and
+    the error's exit code); a failed start leaves no folder it created behind."""
     created_output_dir = not os.path.exists(args.output_dir)
 
     def leave_no_empty_folder() -> None:
@@ -487,7 +586,7 @@ def run(args: argparse.Namespace) -> None:
             remove_if_empty(args.output_dir)
 
     with one_line_errors(on_error=leave_no_empty_folder):  # bad input, or a run that could not go on
-        train(args)
+        train(args, task)
 
 
 def check_launch(accelerator: Accelerator, args: argparse.Namespace) -> None:
@@ -542,7 +641,9 @@ def check_devices(device: torch.device, modules: dict[str, torch.nn.Module | EMA
         raise RuntimeError(f"Not on the accelerator's device {device}: {'; '.join(misplaced)}.")
 
 
-def load_validation_evaluation(accelerator: Accelerator, args: argparse.Namespace) -> EvaluationSet | None:
+def load_validation_evaluation(
+    accelerator: Accelerator, args: argparse.Namespace, resolution: int
+) -> EvaluationSet | None:
     """The main process's evaluation set for the validation metrics (None when they are off or on other processes).
 
     It scores against the validation reference: what training shows may steer choices, so it never scores the model
@@ -552,7 +653,7 @@ def load_validation_evaluation(accelerator: Accelerator, args: argparse.Namespac
         return None
 
     def load() -> EvaluationSet:
-        data_format = DataFormat(args.image_column, args.label_column, args.resolution)
+        data_format = DataFormat(args.image_column, args.label_column, resolution)
         evaluation = load_evaluation_set(
             args.dataset, "validation", args.classifier_cache_dir, args.classifier_train_samples, data_format
         )
@@ -567,26 +668,18 @@ def load_validation_evaluation(accelerator: Accelerator, args: argparse.Namespac
     return on_main_process(accelerator, load)
 
 
-def log_banner(
-    args: argparse.Namespace,
-    num_samples: int,
-    steps_per_epoch: int,
-    max_train_steps: int,
-    global_batch_size: int,
-    micro_batch_size: int,
-    micro_steps: int,
-) -> None:
+def log_banner(args: argparse.Namespace, task: Task, settings: dict, num_samples: int, steps: StepPlan) -> None:
     if args.preset:
-        logger.info(f"Preset {args.preset!r}; the run's settings: {json.dumps(tracker_config(args))}")
-    what = f"distillation of {args.teacher}" if args.teacher else "training"
-    logger.info(f"***** Running {what} *****")
+        logger.info(f"Preset {args.preset!r}; the run's settings: {json.dumps(tracker_config(settings))}")
+    logger.info(f"***** Running {task.description} *****")
     logger.info(f"  Num examples = {num_samples}")
-    logger.info(f"  Num epochs = {math.ceil(max_train_steps / steps_per_epoch)}")
+    logger.info(f"  Num epochs = {math.ceil(steps.max_train_steps / steps.steps_per_epoch)}")
     logger.info(f"  Batch size per device = {args.train_batch_size}")
-    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {global_batch_size}")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {steps.global_batch_size}")
     logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
-    logger.info(f"  Micro-batch size = {micro_batch_size} ({micro_steps} passes per process per optimizer step)")
-    logger.info(f"  Total optimization steps = {max_train_steps}")
+    logger.info(f"  Micro-batch size = {steps.micro_batch_size} ({steps.micro_steps} passes per process per optimizer "
+                "step)")  # fmt: skip
+    logger.info(f"  Total optimization steps = {steps.max_train_steps}")
 
 
 @dataclass
@@ -689,7 +782,7 @@ class LoggingWindow:
 def write_run_summary(
     accelerator: Accelerator,
     model: torch.nn.Module,
-    args: argparse.Namespace,
+    settings: dict,
     pipeline: ClassConditionedDDIMPipeline,
     window: LoggingWindow,
     run_time: RunTime,
@@ -700,7 +793,7 @@ def write_run_summary(
     """Main process: `training_summary.json`, the loss curve and the model card (README.md) of a finished run."""
     loop_time = time.perf_counter() - window.loop_started
     if window.loss_history:
-        save_loss_curve(window.loss_history, os.path.join(args.output_dir, "loss_curve.png"))
+        save_loss_curve(window.loss_history, os.path.join(settings["output_dir"], "loss_curve.png"))
     global_batch_size = window.global_batch_size
     summary = {
         "global_step": global_step,
@@ -726,9 +819,9 @@ def write_run_summary(
         "final_metrics": final_metrics,
         "loss_history": window.loss_history,
     }
-    with open(os.path.join(args.output_dir, "training_summary.json"), "w") as file:
+    with open(os.path.join(settings["output_dir"], "training_summary.json"), "w") as file:
         json.dump(summary, file, indent=2)
-    write_model_card(args.output_dir, vars(args), summary, pipeline.unet.config.id2label,
+    write_model_card(settings["output_dir"], settings, summary, pipeline.unet.config.id2label,
                      type(pipeline.scheduler).__name__)  # fmt: skip
 
 
@@ -743,10 +836,16 @@ def process_group_timeout_s() -> float | None:
         return None
 
 
-def tracker_config(args: argparse.Namespace) -> dict:
-    """`vars(args)` with lists turned into strings, since TensorBoard's hparams take scalars only."""
+def run_settings(args: argparse.Namespace, unet_config: dict) -> dict:
+    """The run's settings as the trackers, the banner and the model card record them: the flags, with the image size
+    the model was built for (the data's own unless --resolution)."""
+    return {**vars(args), "resolution": unet_config["sample_size"]}
+
+
+def tracker_config(settings: dict) -> dict:
+    """The settings with lists turned into strings, since TensorBoard's hparams take scalars only."""
     return {
         key: json.dumps(value) if isinstance(value, (list, tuple)) else value
-        for key, value in vars(args).items()
+        for key, value in settings.items()
         if value is not None
     }

@@ -110,12 +110,8 @@ def log_validation(
     metrics, and on the other processes).
     """
     pipe.set_progress_bar_config(disable=True)
-    num_inference_steps = args.validation_num_inference_steps
-    if num_inference_steps is None:
-        num_inference_steps = pipe.config.default_num_inference_steps
-    guidance_scale = args.validation_guidance_scale
-    if guidance_scale is None:
-        guidance_scale = pipe.config.default_guidance_scale
+    settings = pipe.sampling_settings(args.validation_num_inference_steps, args.validation_guidance_scale)
+    num_inference_steps, guidance_scale = settings["num_inference_steps"], settings["guidance_scale"]
     sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=args.seed,
                     accelerator=accelerator)  # fmt: skip
     grid_images, _ = generate_for_evaluation(pipe, args.validation_grid_columns, **sampling)

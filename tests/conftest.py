@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from safetensors.torch import load_file
 
 from pipeline import ClassConditionedDDIMPipeline, ClassConditionedUNet
 
@@ -100,6 +101,15 @@ def accelerate_launch(
     config: str, script_args: list[str], launch_args: list[str] = (), **kwargs
 ) -> subprocess.CompletedProcess:
     return run_cli([*accelerate_command(config, launch_args), *script_args], **kwargs)
+
+
+def weights_fingerprint(run_dir: Path) -> list[float]:
+    """Three numbers that move with any change to a saved UNet's weights: their sum, their sum of squares, and their
+    projection on a ramp over the (name-sorted) parameters, which also catches weights that trade places."""
+    tensors = load_file(run_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    flat = torch.cat([tensors[name].flatten().double() for name in sorted(tensors)])
+    ramp = torch.linspace(-1, 1, len(flat), dtype=torch.float64)
+    return [flat.sum().item(), flat.square().sum().item(), (flat * ramp).sum().item()]
 
 
 @pytest.fixture

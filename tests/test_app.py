@@ -23,7 +23,7 @@ sync_api = pytest.importorskip(
     "playwright.sync_api", reason="the browser test needs playwright: pip install playwright"
 )
 
-import app  # noqa: E402 (needs gradio, checked just above)
+from pipeline import demo as app  # noqa: E402 (needs gradio, checked just above)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_browser = pytest.mark.skipif(

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import load_split
+from pipeline.data import DataFormat, load_split
 from pipeline.errors import UsageError
 from tests.conftest import DATASET
 
@@ -55,7 +55,7 @@ def test_rgb_images_are_resized_and_keep_their_colour(tmp_path):
     datasets.Dataset.from_dict({"image": images, "label": [0, 1]}, features=features).to_parquet(
         tmp_path / "train.parquet"
     )
-    data = load_split(str(tmp_path), resolution=28)
+    data = load_split(str(tmp_path), data_format=DataFormat(resolution=28))
     assert data.images.shape == (2, 3, 28, 28)
     assert data.images[0].min() == 255 and data.images[1].max() == 0
     assert data.label_names == ["a", "b"]

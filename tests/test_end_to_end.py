@@ -7,8 +7,7 @@ import sys
 import pytest
 from PIL import Image
 
-import sample
-from pipeline import config
+from pipeline import config, sampling
 from tests.conftest import REPO_ROOT, TINY_TRAIN_FLAGS, accelerate_launch, exit_code_and_stderr, run_cli
 
 
@@ -86,7 +85,7 @@ def test_sample_cli_is_deterministic(trained_dir, tmp_path):
     ],
 )
 def test_sample_cli_bad_labels(trained_dir, tmp_path, capsys, args, message):
-    code, stderr = exit_code_and_stderr(sample.cli, ["--model", str(trained_dir), *args, "--output",
+    code, stderr = exit_code_and_stderr(sampling.cli, ["--model", str(trained_dir), *args, "--output",
                                                      str(tmp_path / "x.png")], capsys)  # fmt: skip
     assert code == 2 and message in stderr, stderr
 

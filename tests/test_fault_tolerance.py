@@ -17,8 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import sample
-from pipeline import config
+from pipeline import config, sampling
 from pipeline.checkpointing import find_checkpoint, pipeline_at_checkpoint
 from tests.conftest import (
     REPO_ROOT,
@@ -235,7 +234,7 @@ def make_broken_model(trained_dir: Path, tmp_path: Path, breakage: str) -> Path:
 def test_sample_refuses_broken_model_folders(trained_dir, tmp_path, capsys, breakage, message):
     model = make_broken_model(trained_dir, tmp_path, breakage)
     argv = ["--model", str(model), "--output", str(tmp_path / "x.png"), "--num_inference_steps", "2"]
-    code, stderr = exit_code_and_stderr(sample.cli, argv, capsys)
+    code, stderr = exit_code_and_stderr(sampling.cli, argv, capsys)
     assert code == 2 and message in stderr, stderr
     assert not (tmp_path / "x.png").exists()
 
@@ -251,7 +250,7 @@ def test_sample_refuses_broken_model_folders(trained_dir, tmp_path, capsys, brea
     (["--device", "cuda" if not torch.cuda.is_available() else "cuda:99"], "is not available here"),
 ])  # fmt: skip
 def test_sample_usage_errors_exit_2(trained_dir, tmp_path, capsys, args, message):
-    code, stderr = exit_code_and_stderr(sample.cli, ["--model", str(trained_dir), *args], capsys)
+    code, stderr = exit_code_and_stderr(sampling.cli, ["--model", str(trained_dir), *args], capsys)
     assert code == 2 and message in stderr, stderr
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import load_split
+from pipeline.data import DataFormat, load_split
 from tests.conftest import DATASET, TINY_TRAIN_FLAGS, accelerate_launch, run_cli
 
 COLOURS = {"airplane": (40, 60, 220), "cat": (220, 60, 40)}  # one colour per class: a model can tell them apart
@@ -58,7 +58,7 @@ def cifar_layout(tmp_path_factory) -> Path:
 
 
 def test_cifar_layout_reads_as_colour_at_its_own_size(cifar_layout):
-    data = load_split(str(cifar_layout), "train", image_column="img")
+    data = load_split(str(cifar_layout), "train", DataFormat(image_column="img"))
     assert data.images.shape == (48, 3, 32, 32) and data.label_names == ["airplane", "cat"]
     first = np.array(coloured_images(24, COLOURS["airplane"])[0]).transpose(2, 0, 1)
     assert torch.equal(data.images[0], torch.from_numpy(first))  # channels in order, no grey conversion
@@ -83,7 +83,7 @@ def test_mixed_sizes_need_a_resolution(tmp_path):
     datasets.Dataset.from_dict({"image": images, "label": [0, 1]}).to_parquet(tmp_path / "train.parquet")
     with pytest.raises(ValueError, match=r"2 sizes \(32x32, 40x40\).*pass --resolution N"):
         load_split(str(tmp_path))
-    assert load_split(str(tmp_path), resolution=16).images.shape == (2, 3, 16, 16)
+    assert load_split(str(tmp_path), data_format=DataFormat(resolution=16)).images.shape == (2, 3, 16, 16)
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,18 @@
 
 import json
 import subprocess
+import sys
 from datetime import datetime
 
 import pytest
 
-from bench import report
-from bench.provenance import append_row, run_record
 from tests.conftest import REPO_ROOT
+
+# As the bench scripts import their sibling modules (`python bench/quality.py` puts bench/ first on the path), so that
+# provenance is one module, not two copies under two names.
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+import report  # noqa: E402
+from provenance import append_row, run_record  # noqa: E402
 
 PROVENANCE = {
     "argv": ["bench/quality.py", "--name", "quick", "--", "--preset", "quick"],

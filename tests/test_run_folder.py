@@ -16,7 +16,7 @@ import torchvision
 from accelerate import Accelerator
 from PIL import Image
 
-import sample
+from pipeline import sampling
 from pipeline.errors import UsageError
 from pipeline.run_folder import OWNER_FILE, RECORD_FILE, acquire_lock, claim_output_dir, read_owner, release_lock
 from tests.conftest import REPO_ROOT, TINY_TRAIN_FLAGS, cli_env, exit_code_and_stderr, run_cli
@@ -122,7 +122,7 @@ def test_sample_output_dir_has_one_writer_and_ctrl_c_leaves_only_whole_images(tr
     acquire_lock(str(folder))  # another writer (this process stands in for it)
     argv = ["--model", str(trained_dir), "--class_labels", "1", "--num_images_per_label", "4", "--output",
             str(tmp_path / "grid.png"), "--output_dir", str(folder), "--num_inference_steps", "2"]  # fmt: skip
-    code, stderr = exit_code_and_stderr(sample.cli, argv, capsys)
+    code, stderr = exit_code_and_stderr(sampling.cli, argv, capsys)
     assert code == 2 and "is in use by another run" in stderr
     release_lock(str(folder))
 
@@ -138,7 +138,7 @@ def test_sample_output_dir_has_one_writer_and_ctrl_c_leaves_only_whole_images(tr
         real_save_image(tensor, path, **kwargs)
 
     monkeypatch.setattr(torchvision.utils, "save_image", interrupted_on_the_third)
-    code, stderr = exit_code_and_stderr(sample.cli, argv, capsys)
+    code, stderr = exit_code_and_stderr(sampling.cli, argv, capsys)
     assert code == 130  # one line after the progress bars:
     assert stderr.strip().splitlines()[-1] == "error: interrupted; the images written so far are complete"
     assert sorted(name for name in os.listdir(folder) if not name.startswith(".run.lock")) == [
