@@ -14,6 +14,7 @@ scored on its own; the JSON printed gives the mean and standard deviation over t
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -24,9 +25,17 @@ from dataclasses import dataclass, replace
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from .classifier import MNISTClassifier, accuracy, fit_classifier, load_fit_and_validation, load_or_train_classifier
+from .classifier import (
+    DEFAULT_CACHE_DIR,
+    MNISTClassifier,
+    accuracy,
+    fit_classifier,
+    load_fit_and_validation,
+    load_or_train_classifier,
+)
 from .data import DEFAULT_FORMAT, DataFormat, ImageClassData, add_column_flags, load_split
 from .errors import UsageError, one_line_errors
 from .loading import load_pipeline
@@ -84,9 +93,7 @@ def load_evaluation_set(
     held_out = {"test": load_split(dataset, "test", data_format), "validation": validation}
     floor_source = "validation" if reference == "test" else "test"
     metric = FrechetInceptionDistance(feature=classifier, reset_real_features=False, sync_on_compute=False)
-    with torch.no_grad():
-        for batch in torch.arange(len(held_out[reference])).split(1000):
-            metric.update(held_out[reference].take(batch).float() / 255, real=True)
+    add_reference_features(metric, classifier, held_out[reference], classifier_cache_dir)
     return EvaluationSet(
         classifier=classifier,
         classifier_record=record,
@@ -97,6 +104,35 @@ def load_evaluation_set(
         fit=fit,
         frechet_distance=metric,
     )
+
+
+REAL_FEATURES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")  # FID's reference state
+
+
+@torch.no_grad()
+def add_reference_features(
+    metric: FrechetInceptionDistance, classifier: MNISTClassifier, reference: ImageClassData, cache_dir: str | None
+) -> None:
+    """The reference images' side of the FID: their features' sums and covariance, computed once per classifier and
+    reference (~8 s for MNIST's 10,000 on 2 cores) and cached beside the classifiers. The key hashes the classifier's
+    weights and the reference's pixels, so a changed classifier or dataset never reuses stale statistics."""
+    path = None
+    if reference.in_memory:  # a split read lazily is too large to hash cheaply: computed every time
+        digest = hashlib.sha256(reference.images.numpy().tobytes())
+        for tensor in classifier.state_dict().values():
+            digest.update(tensor.cpu().numpy().tobytes())
+        path = os.path.join(cache_dir or DEFAULT_CACHE_DIR, f"fid-reference-{digest.hexdigest()[:16]}.safetensors")
+        if os.path.exists(path):
+            for name, tensor in load_file(path).items():
+                setattr(metric, name, tensor)
+            return
+    for batch in torch.arange(len(reference)).split(1000):
+        metric.update(reference.take(batch).float() / 255, real=True)
+    if path:  # written whole, then renamed: a crash or a second process never leaves half a file
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.tmp-{os.getpid()}"
+        save_file({name: getattr(metric, name) for name in REAL_FEATURES}, partial)
+        os.replace(partial, path)
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -83,6 +84,32 @@ def exit_code_and_stderr(cli: Callable[[list[str]], None], argv: list[str], caps
     with pytest.raises(SystemExit) as exit_info:
         cli(argv)
     return exit_info.value.code, capsys.readouterr().err
+
+
+def train_here(argv: list[str], distill: bool = False) -> None:
+    """`python train_conditional.py ARGV` (or `distill.py`) in this process: the scripts' own code path after the
+    launcher, without a fresh interpreter's ~8 s of imports. For tests of what a run does, not of how it is launched
+    (those use `accelerate_launch`). An error ends it as the script would: `SystemExit` with the error's exit code and
+    the one line on stderr (`exit_code_and_stderr` reads both).
+
+    What a run changes in the process is put back: accelerate's process-wide state (so that the next run can take
+    another precision) and the signal handlers the run installs for SIGTERM and Ctrl-C."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from pipeline import config, training
+    from pipeline.distillation import distil
+
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if distill:
+            distil(config.parse_distill_args(argv))
+        else:
+            training.run(config.parse_args(argv))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 def accelerate_command(config: str, launch_args: list[str] = ()) -> list[str]:

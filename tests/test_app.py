@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline import ClassConditionedDDIMPipeline, ClassConditionedUNet
 from pipeline.grid import labelled_grid
-from tests.conftest import REPO_ROOT, TINY_UNET_CONFIG, cli_env
+from tests.conftest import REPO_ROOT, TINY_UNET_CONFIG, cli_env, exit_code_and_stderr
 
 pytest.importorskip("gradio", reason="the demo needs gradio: pip install -e '.[demo]'")
 sync_api = pytest.importorskip(
@@ -182,14 +182,7 @@ def test_model_comes_from_the_flag_or_the_environment(monkeypatch, capsys):
     assert "set the MODEL environment variable" in capsys.readouterr().err
 
 
-def test_a_bad_model_folder_stops_with_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "app.py", "--model", str(tmp_path)],
-        cwd=REPO_ROOT,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and "not a saved pipeline" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_a_bad_model_folder_stops_with_one_line(tmp_path, capsys):
+    # In this process (the served app above is the real one): app.py only calls `cli`.
+    code, stderr = exit_code_and_stderr(app.cli, ["--model", str(tmp_path)], capsys)
+    assert code == 2 and stderr.startswith("error: ") and "not a saved pipeline" in stderr

@@ -18,9 +18,9 @@ from tests.conftest import (
     REPO_ROOT,
     TINY_TRAIN_FLAGS,
     TINY_UNET_CONFIG,
-    accelerate_launch,
     exit_code_and_stderr,
     run_cli,
+    train_here,
     weights_fingerprint,
 )
 
@@ -101,7 +101,7 @@ QUICK_LIKE_FLAGS = ["--preset", "quick", *TINY_TRAIN_FLAGS, "--attention_head_di
 def teacher_dir(tmp_path_factory) -> Path:
     """A tiny guided teacher, trained as `quick` trains."""
     output_dir = tmp_path_factory.mktemp("teacher") / "run"
-    accelerate_launch("cpu.yaml", ["--output_dir", str(output_dir), *QUICK_LIKE_FLAGS])
+    train_here(["--output_dir", str(output_dir), *QUICK_LIKE_FLAGS])
     return output_dir
 
 
@@ -165,8 +165,8 @@ def test_resumed_distillation_is_bit_exact(teacher_dir, student_dir, tmp_path):
     output_dir = Path(shutil.copytree(student_dir, tmp_path / "run"))
     shutil.rmtree(output_dir / "checkpoints" / "checkpoint-6")
     (output_dir / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-    run_cli([*DISTILL, *distill_flags(teacher_dir, output_dir, "--max_train_steps", "6", "--checkpointing_steps", "3",
-                                      "--resume_from_checkpoint", "latest")])  # fmt: skip
+    train_here(distill_flags(teacher_dir, output_dir, "--max_train_steps", "6", "--checkpointing_steps", "3",
+                             "--resume_from_checkpoint", "latest"), distill=True)  # fmt: skip
     resumed = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
     uninterrupted = load_file(student_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(resumed[name], tensor) for name, tensor in uninterrupted.items())

@@ -4,6 +4,7 @@ Every run uses the same seed and the same global batch of 8 images; the saved we
 """
 
 import json
+import logging
 import shutil
 import socket
 import subprocess
@@ -17,7 +18,15 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline import ClassConditionedUNet
-from tests.conftest import TINY_TRAIN_FLAGS, TINY_UNET_CONFIG, accelerate_command, accelerate_launch, cli_env
+from tests.conftest import (
+    TINY_TRAIN_FLAGS,
+    TINY_UNET_CONFIG,
+    accelerate_command,
+    accelerate_launch,
+    cli_env,
+    exit_code_and_stderr,
+    train_here,
+)
 
 # A short run that touches every stateful part: LR warmup + cosine decay, EMA, class dropout, several epochs.
 RUN_FLAGS = [
@@ -87,9 +96,8 @@ def single_process_run(tmp_path_factory, classifier_cache):
     (mid-epoch: 48 samples / 8 = 6 steps per epoch) instead of training the first half again. Checkpointing must not
     change the result: test_lazy_data_trains_the_identical_model compares a run without checkpoints bit for bit."""
     output_dir = tmp_path_factory.mktemp("one_process")
-    accelerate_launch("cpu.yaml", ["--output_dir", str(output_dir), "--train_batch_size", "8", "--max_train_steps", "8",
-                                   "--checkpointing_steps", "2", *RUN_FLAGS,
-                                   *validation_flags(classifier_cache)])  # fmt: skip
+    train_here(["--output_dir", str(output_dir), "--train_batch_size", "8", "--max_train_steps", "8",
+                "--checkpointing_steps", "2", *RUN_FLAGS, *validation_flags(classifier_cache)])  # fmt: skip
     return output_dir
 
 
@@ -130,20 +138,8 @@ def test_two_processes_train_and_validate_like_one(single_process_run, classifie
 
 
 def test_gradient_accumulation_trains_the_same_model(single_process_run, tmp_path):
-    accelerate_launch(
-        "cpu.yaml",
-        [
-            "--output_dir",
-            str(tmp_path),
-            "--train_batch_size",
-            "4",
-            "--gradient_accumulation_steps",
-            "2",
-            "--max_train_steps",
-            "8",
-            *RUN_FLAGS,
-        ],
-    )
+    train_here(["--output_dir", str(tmp_path), "--train_batch_size", "4", "--gradient_accumulation_steps", "2",
+                "--max_train_steps", "8", *RUN_FLAGS])  # fmt: skip
     assert summary(tmp_path)["global_batch_size"] == 8
     difference = max_difference(unet_weights(tmp_path), unet_weights(single_process_run))
     print(f"max |w(1 x 4, accumulation 2) - w(1 x 8)| = {difference:.3g}")
@@ -152,8 +148,8 @@ def test_gradient_accumulation_trains_the_same_model(single_process_run, tmp_pat
 
 def test_micro_batches_train_the_same_model(single_process_run, tmp_path):
     # What the CPU default does with large batches: passes of a few images, one optimizer step per batch.
-    accelerate_launch("cpu.yaml", ["--output_dir", str(tmp_path), "--train_batch_size", "8", "--micro_batch_size",
-                                   "2", "--max_train_steps", "8", *RUN_FLAGS])  # fmt: skip
+    train_here(["--output_dir", str(tmp_path), "--train_batch_size", "8", "--micro_batch_size", "2",
+                "--max_train_steps", "8", *RUN_FLAGS])  # fmt: skip
     assert summary(tmp_path)["global_batch_size"] == 8
     difference = max_difference(unet_weights(tmp_path), unet_weights(single_process_run))
     print(f"max |w(1 x 8 in micro-batches of 2) - w(1 x 8)| = {difference:.3g}")
@@ -176,8 +172,8 @@ def test_compiled_model_trains_the_same_model(single_process_run, tmp_path):
 def test_lazy_data_trains_the_identical_model(single_process_run, tmp_path):
     # What a split too large for memory gets: batches read from the memory-mapped cache, same order, same bits. This
     # run saves no checkpoints and the reference run does: saving one must not change the run either (RNG states).
-    accelerate_launch("cpu.yaml", ["--output_dir", str(tmp_path), "--train_batch_size", "8", "--max_train_steps", "8",
-                                   "--lazy_data", *RUN_FLAGS])  # fmt: skip
+    train_here(["--output_dir", str(tmp_path), "--train_batch_size", "8", "--max_train_steps", "8", "--lazy_data",
+                *RUN_FLAGS])  # fmt: skip
     lazy, in_memory = unet_weights(tmp_path), unet_weights(single_process_run)
     assert all(torch.equal(lazy[name], tensor) for name, tensor in in_memory.items())
 
@@ -238,15 +234,16 @@ def test_machines_that_do_not_share_the_output_dir_stop_at_once(tmp_path):
     assert not any(folder.exists() for folder in folders)  # a failed start leaves no empty folder
 
 
-def test_a_preset_is_one_recipe_on_any_number_of_processes(tmp_path):
+def test_a_preset_is_one_recipe_on_any_number_of_processes(tmp_path, caplog):
     # `quality` is 512 images per optimizer step: one process takes 512, each of two takes 256, and both launches
     # train the same steps of the same batches (1,024 images: 2 steps per epoch) to the same weights.
     flags = ["--preset", "quality", "--num_epochs", "1", "--max_train_samples", "1024", "--mixed_precision", "no",
              *TINY_TRAIN_FLAGS]  # fmt: skip
-    logs = {}
+    with caplog.at_level(logging.INFO):
+        train_here(["--output_dir", str(tmp_path / "cpu.yaml"), *flags])  # one process: WORLD_SIZE is unset here
+    result = accelerate_launch("multi_cpu.yaml", ["--output_dir", str(tmp_path / "multi_cpu.yaml"), *flags])
+    logs = {1: caplog.text, 2: result.stdout + result.stderr}
     for config, processes in (("cpu.yaml", 1), ("multi_cpu.yaml", 2)):
-        result = accelerate_launch(config, ["--output_dir", str(tmp_path / config), *flags])
-        logs[processes] = result.stdout + result.stderr
         run = summary(tmp_path / config)
         assert (run["num_processes"], run["global_batch_size"], run["global_step"]) == (processes, 512, 2)
     assert "Batch size per device = 512" in logs[1] and "Batch size per device = 256" in logs[2]
@@ -267,9 +264,8 @@ def test_fsdp_is_refused_with_one_line_not_a_crash(tmp_path):
 
 def test_resume_mid_epoch_is_bit_exact(single_process_run, tmp_path):
     output_dir = interrupted_at_step_4(single_process_run, tmp_path)
-    accelerate_launch("cpu.yaml", ["--output_dir", str(output_dir), "--train_batch_size", "8", "--max_train_steps",
-                                   "8", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest",
-                                   *RUN_FLAGS])  # fmt: skip
+    train_here(["--output_dir", str(output_dir), "--train_batch_size", "8", "--max_train_steps", "8",
+                "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest", *RUN_FLAGS])  # fmt: skip
     resumed_summary = summary(output_dir)
     assert resumed_summary["steps_this_run"] == 4
     resumed = unet_weights(output_dir)
@@ -293,33 +289,16 @@ def test_resume_with_more_processes_and_the_same_global_batch(single_process_run
 
 
 def test_bf16_autocast_on_cpu(tmp_path, classifier_cache):
-    accelerate_launch(
-        "cpu.yaml",
-        [
-            "--output_dir",
-            str(tmp_path),
-            "--train_batch_size",
-            "8",
-            "--max_train_steps",
-            "2",
-            "--mixed_precision",
-            "bf16",
-            *RUN_FLAGS,
-            *validation_flags(classifier_cache),
-        ],
-    )
+    train_here(["--output_dir", str(tmp_path), "--train_batch_size", "8", "--max_train_steps", "2",
+                "--mixed_precision", "bf16", *RUN_FLAGS, *validation_flags(classifier_cache)])  # fmt: skip
     run = summary(tmp_path)
     assert run["mixed_precision"] == "bf16" and 0 < run["final_loss"] < 10
     assert run["final_metrics"]["precision"] == "bf16"  # validation samples in the training precision
     assert {tensor.dtype for tensor in unet_weights(tmp_path).values()} == {torch.float32}
 
 
-def test_fp16_on_cpu_is_refused(tmp_path):
-    result = accelerate_launch(
-        "cpu.yaml",
-        ["--output_dir", str(tmp_path), "--mixed_precision", "fp16", *RUN_FLAGS],
-        launch_args=["-q"],
-        check=False,
-    )
-    assert result.returncode != 0
-    assert "--mixed_precision fp16 needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+def test_fp16_on_cpu_is_refused(tmp_path, capsys):
+    argv = ["--output_dir", str(tmp_path / "run"), "--mixed_precision", "fp16", *RUN_FLAGS]
+    code, stderr = exit_code_and_stderr(train_here, argv, capsys)
+    assert code == 2 and "--mixed_precision fp16 needs a CUDA GPU" in stderr
+    assert not (tmp_path / "run").exists()

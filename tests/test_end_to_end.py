@@ -1,6 +1,6 @@
 """The whole product in fresh processes: `accelerate launch` training -> `from_pretrained` -> `sample.py` -> PNG.
 Bad-input cases run the scripts' command-line functions in this process (their exit codes and one-line errors; one
-case per script stays a real process)."""
+case per script stays a real process: the launcher's exit codes below, and sample.py's grid)."""
 
 import sys
 
@@ -8,7 +8,14 @@ import pytest
 from PIL import Image
 
 from pipeline import config, sampling
-from tests.conftest import REPO_ROOT, TINY_TRAIN_FLAGS, accelerate_launch, exit_code_and_stderr, run_cli
+from tests.conftest import (
+    REPO_ROOT,
+    TINY_TRAIN_FLAGS,
+    accelerate_launch,
+    exit_code_and_stderr,
+    run_cli,
+    train_here,
+)
 
 
 def test_training_writes_a_loadable_pipeline(trained_dir):
@@ -57,22 +64,8 @@ def test_sample_cli_writes_one_row_per_label(trained_dir, tmp_path):
 def test_sample_cli_is_deterministic(trained_dir, tmp_path):
     first, second = tmp_path / "a.png", tmp_path / "b.png"
     for path in (first, second):
-        run_cli(
-            [
-                sys.executable,
-                "sample.py",
-                "--model",
-                str(trained_dir),
-                "--num_images_per_label",
-                "1",
-                "--num_inference_steps",
-                "2",
-                "--seed",
-                "3",
-                "--output",
-                str(path),
-            ]
-        )
+        sampling.cli(["--model", str(trained_dir), "--num_images_per_label", "1", "--num_inference_steps", "2",
+                      "--seed", "3", "--output", str(path)])  # fmt: skip
     assert first.read_bytes() == second.read_bytes()
     assert Image.open(first).size[1] == 10 * 30 + 2  # default: all ten classes
 
@@ -90,12 +83,10 @@ def test_sample_cli_bad_labels(trained_dir, tmp_path, capsys, args, message):
     assert code == 2 and message in stderr, stderr
 
 
-def test_sample_cli_rejects_a_folder_that_is_not_a_pipeline(tmp_path):
-    result = run_cli(
-        [sys.executable, "sample.py", "--model", str(tmp_path), "--output", str(tmp_path / "x.png")], check=False
-    )
-    assert result.returncode == 2
-    assert "is not a saved pipeline (no model_index.json)" in result.stderr and "Traceback" not in result.stderr
+def test_sample_cli_rejects_a_folder_that_is_not_a_pipeline(tmp_path, capsys):
+    code, stderr = exit_code_and_stderr(sampling.cli, ["--model", str(tmp_path), "--output", str(tmp_path / "x.png")],
+                                        capsys)  # fmt: skip
+    assert code == 2 and "is not a saved pipeline (no model_index.json)" in stderr
 
 
 @pytest.mark.parametrize(
@@ -104,7 +95,7 @@ def test_sample_cli_rejects_a_folder_that_is_not_a_pipeline(tmp_path):
         ("{tmp}/no_label", "lacks ['label']"),  # a missing folder: test_exit_code_through_accelerate_launch_...
     ],
 )
-def test_train_cli_bad_dataset(tmp_path, dataset, message):
+def test_train_cli_bad_dataset(tmp_path, capsys, dataset, message):
     import datasets
     from PIL import Image as PILImage
 
@@ -112,16 +103,10 @@ def test_train_cli_bad_dataset(tmp_path, dataset, message):
     datasets.Dataset.from_dict({"image": [PILImage.new("L", (28, 28))]}).to_parquet(
         tmp_path / "no_label" / "train.parquet"
     )
-    # `-q` stops accelerate's launcher from adding its own traceback about the failed child process.
-    result = accelerate_launch(
-        "cpu.yaml",
-        ["--dataset", dataset.format(tmp=tmp_path), "--output_dir", str(tmp_path / "out"), *TINY_TRAIN_FLAGS],
-        launch_args=["-q"],
-        check=False,
-    )
-    assert result.returncode == 1  # what accelerate's launcher makes of the script's exit code 2 (README)
-    assert "error: Dataset " in result.stderr and message in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "out" / "model_index.json").exists()
+    argv = ["--dataset", dataset.format(tmp=tmp_path), "--output_dir", str(tmp_path / "out"), *TINY_TRAIN_FLAGS]
+    code, stderr = exit_code_and_stderr(train_here, argv, capsys)
+    assert code == 2 and "error: Dataset " in stderr and message in stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -149,12 +134,9 @@ def test_train_cli_flag_errors_exit_2(tmp_path, capsys, args, message):
         (["--output_dir", str(REPO_ROOT / "README.md")], "is a file; pass a folder"),
     ],
 )
-def test_train_cli_usage_errors_exit_2(tmp_path, args, message):
-    result = run_cli(
-        [sys.executable, str(REPO_ROOT / "train_conditional.py"), "--output_dir", str(tmp_path / "out"), *args],
-        check=False,
-    )
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+def test_train_cli_usage_errors_exit_2(tmp_path, capsys, args, message):
+    code, stderr = exit_code_and_stderr(train_here, ["--output_dir", str(tmp_path / "out"), *args], capsys)
+    assert code == 2 and message in stderr, stderr
     assert not (tmp_path / "out").exists()  # a failed run leaves no empty output folder behind
 
 

@@ -6,10 +6,18 @@ import sys
 
 import pytest
 import torch
+from torchmetrics.image.fid import FrechetInceptionDistance
 
 from pipeline.classifier import accuracy, load_fit_and_validation, load_or_train_classifier
 from pipeline.data import fit_validation_indices, load_split
-from pipeline.evaluate import draw_like, evaluate, load_evaluation_set, score_images
+from pipeline.evaluate import (
+    REAL_FEATURES,
+    add_reference_features,
+    draw_like,
+    evaluate,
+    load_evaluation_set,
+    score_images,
+)
 from tests.conftest import DATASET, run_cli
 
 CLASSIFIER_SAMPLES = 3000  # the tests' evaluation classifier learns from the first 3,000 fit images (~20 s, once)
@@ -63,6 +71,26 @@ def test_floor_comes_from_the_other_held_out_set_with_the_generated_labels(class
     assert not set(drawn_images) & {bytes(image.numpy()) for image in fit.images[:CLASSIFIER_SAMPLES]}
     with pytest.raises(ValueError, match="lower --num_images_per_label"):
         draw_like(evaluation_set.floor_pool, torch.zeros(2000, dtype=torch.long), seed=0)
+
+
+def test_the_reference_features_are_computed_once_and_read_back_exactly(classifier_cache, tmp_path):
+    classifier, _ = load_or_train_classifier(DATASET, classifier_cache, max_train_samples=CLASSIFIER_SAMPLES)
+    reference = load_split(DATASET, "test").subset(500)
+    metrics = []
+    for _ in range(2):  # the first computes and caches them, the second reads them
+        metrics.append(FrechetInceptionDistance(feature=classifier, reset_real_features=False))
+        add_reference_features(metrics[-1], classifier, reference, str(tmp_path))
+    assert len(list(tmp_path.glob("fid-reference-*.safetensors"))) == 1
+    for name in REAL_FEATURES:
+        assert torch.equal(getattr(metrics[0], name), getattr(metrics[1], name))
+    generated = torch.rand(50, 1, 28, 28)
+    for metric in metrics:
+        metric.update(generated, real=False)
+    assert metrics[0].compute() == metrics[1].compute()
+    # Other reference images (or another classifier) are another key: never the stale statistics.
+    add_reference_features(FrechetInceptionDistance(feature=classifier), classifier, reference.subset(499),
+                           str(tmp_path))  # fmt: skip
+    assert len(list(tmp_path.glob("fid-reference-*.safetensors"))) == 2
 
 
 def test_real_digits_score_near_the_floor_and_noise_far_from_it(classifier_cache):

@@ -26,7 +26,7 @@ from tests.conftest import (
     accelerate_command,
     cli_env,
     exit_code_and_stderr,
-    run_cli,
+    train_here,
 )
 
 RUN = [*TINY_TRAIN_FLAGS, "--train_batch_size", "8", "--max_train_samples", "48", "--use_ema",
@@ -38,8 +38,14 @@ TRAIN = [sys.executable, str(REPO_ROOT / "train_conditional.py")]
 def finished_run(tmp_path_factory) -> Path:
     """A finished 2-step run with its checkpoint: tests copy it and try to reuse or damage it."""
     output_dir = tmp_path_factory.mktemp("finished") / "run"
-    run_cli([*TRAIN, "--output_dir", str(output_dir), "--max_train_steps", "2", "--checkpointing_steps", "2", *RUN])
+    train_here(["--output_dir", str(output_dir), "--max_train_steps", "2", "--checkpointing_steps", "2", *RUN])
     return output_dir
+
+
+def refused(argv: list[str], capsys) -> tuple[int, str]:
+    """The exit code and stderr of a training run that must stop with one line (in this process; an unexpected
+    exception, a traceback on the command line, fails the test)."""
+    return exit_code_and_stderr(train_here, argv, capsys)
 
 
 def copy_of(run: Path, tmp_path: Path) -> Path:
@@ -76,7 +82,7 @@ def assert_resumable(output_dir: Path) -> None:
 def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path):
     steps = 8
     flags = [*RUN, "--max_train_steps", str(steps), "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"]
-    run_cli([*TRAIN, "--output_dir", str(tmp_path / "reference"), *flags])
+    train_here(["--output_dir", str(tmp_path / "reference"), *flags])  # the same bits as a fresh process trains
     reference = weights(tmp_path / "reference")
 
     output_dir = tmp_path / "killed"
@@ -106,7 +112,7 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path)
     print(f"kills: {outcomes}")
     assert sum(reached for _, reached in outcomes) >= 3, outcomes  # the kills really hit running training
 
-    run_cli([*TRAIN, "--output_dir", str(output_dir), "--resume_from_checkpoint", "latest", *flags])
+    train_here(["--output_dir", str(output_dir), "--resume_from_checkpoint", "latest", *flags])
     resumed = weights(output_dir)
     assert all(torch.equal(resumed[name], tensor) for name, tensor in reference.items())
 
@@ -149,49 +155,45 @@ def test_sigterm_stops_all_processes_together(tmp_path):
     assert state["global_batch_size"] == 8
 
 
-def test_a_disk_too_small_for_a_checkpoint_is_refused_before_training(tiny_disk):
+def test_a_disk_too_small_for_a_checkpoint_is_refused_before_training(tiny_disk, capsys):
     """The tiny model's checkpoint (weights, Adam, EMA) and pipeline need about 4 MiB by our estimate; the disk: 2."""
     output_dir = tiny_disk / "run"
-    result = run_cli([*TRAIN, "--output_dir", str(output_dir), "--max_train_steps", "2", "--checkpointing_steps", "1",
-                      *RUN], check=False)  # fmt: skip
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert f"The disk holding {output_dir} has" in result.stderr and "MiB free, but a checkpoint" in result.stderr
-    assert "Running training" not in result.stderr and not (output_dir / "checkpoints").exists()  # before step 1
+    code, stderr = refused(["--output_dir", str(output_dir), "--max_train_steps", "2", "--checkpointing_steps", "1",
+                            *RUN], capsys)  # fmt: skip
+    assert code == 1 and f"The disk holding {output_dir} has" in stderr and "MiB free, but a checkpoint" in stderr
+    assert not (output_dir / "checkpoints").exists()  # before step 1
 
 
-def test_diverging_loss_stops_with_the_step_and_last_good_checkpoint(tmp_path):
-    result = run_cli([*TRAIN, "--output_dir", str(tmp_path), "--max_train_steps", "20", "--checkpointing_steps",
-                      "1", *RUN, "--learning_rate", "1e30", "--logging_steps", "10"], check=False)  # fmt: skip
-    assert result.returncode == 1
-    assert "became NaN or infinite at step" in result.stderr and "Last good checkpoint:" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_diverging_loss_stops_with_the_step_and_last_good_checkpoint(tmp_path, capsys):
+    code, stderr = refused(["--output_dir", str(tmp_path), "--max_train_steps", "20", "--checkpointing_steps", "1",
+                            *RUN, "--learning_rate", "1e30", "--logging_steps", "10"], capsys)  # fmt: skip
+    assert code == 1 and "became NaN or infinite at step" in stderr and "Last good checkpoint:" in stderr
     assert not (tmp_path / "model_index.json").exists()  # no pipeline of garbage
 
 
-def test_output_dir_of_another_run_is_refused_unless_told(finished_run, tmp_path):
+def test_output_dir_of_another_run_is_refused_unless_told(finished_run, tmp_path, capsys):
     output_dir = copy_of(finished_run, tmp_path)
     flags = ["--output_dir", str(output_dir), "--max_train_steps", "2", "--checkpointing_steps", "2", *RUN]
     (output_dir / "notes.txt").write_text("mine")
-    refused = run_cli([*TRAIN, *flags], check=False)
-    assert refused.returncode == 2
-    assert "already holds a saved pipeline and checkpoints" in refused.stderr
-    assert "--overwrite_output_dir" in refused.stderr and "Traceback" not in refused.stderr
-    run_cli([*TRAIN, *flags, "--overwrite_output_dir"])
+    code, stderr = refused(flags, capsys)
+    assert code == 2 and "already holds a saved pipeline and checkpoints" in stderr
+    assert "--overwrite_output_dir" in stderr
+    train_here([*flags, "--overwrite_output_dir"])
     assert (output_dir / "notes.txt").read_text() == "mine"  # only the earlier run's own files are replaced
 
 
-def test_resuming_a_finished_run_without_checkpoints_never_retrains_over_it(finished_run, tmp_path):
+def test_resuming_a_finished_run_without_checkpoints_never_retrains_over_it(finished_run, tmp_path, capsys):
     """Following the refusal's advice must be safe: with no checkpoint to continue, "resume" would start over and
     replace the finished pipeline."""
     output_dir = copy_of(finished_run, tmp_path)
     shutil.rmtree(output_dir / "checkpoints")
     before = weights(output_dir)
     flags = ["--output_dir", str(output_dir), "--max_train_steps", "2", *RUN]
-    refused = run_cli([*TRAIN, *flags], check=False)
-    assert refused.returncode == 2 and "--resume_from_checkpoint" not in refused.stderr  # no advice that retrains
-    resumed = run_cli([*TRAIN, *flags, "--resume_from_checkpoint", "latest"], check=False)
-    assert resumed.returncode == 2 and "no checkpoints, so there is nothing to resume" in resumed.stderr
-    assert "--overwrite_output_dir" in resumed.stderr and "Traceback" not in resumed.stderr
+    code, stderr = refused(flags, capsys)
+    assert code == 2 and "--resume_from_checkpoint" not in stderr  # no advice that retrains
+    code, stderr = refused([*flags, "--resume_from_checkpoint", "latest"], capsys)
+    assert code == 2 and "no checkpoints, so there is nothing to resume" in stderr
+    assert "--overwrite_output_dir" in stderr
     after = weights(output_dir)
     assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
 
@@ -254,7 +256,7 @@ def test_sample_usage_errors_exit_2(trained_dir, tmp_path, capsys, args, message
     assert code == 2 and message in stderr, stderr
 
 
-def test_unlabelled_examples_are_refused(tmp_path):
+def test_unlabelled_examples_are_refused(tmp_path, capsys):
     import datasets
     from PIL import Image
 
@@ -264,27 +266,24 @@ def test_unlabelled_examples_are_refused(tmp_path):
     datasets.Dataset.from_dict({"image": images, "label": [0, -1]}, features=features).to_parquet(
         tmp_path / "train.parquet"
     )
-    result = run_cli([*TRAIN, "--dataset", str(tmp_path), "--output_dir", str(tmp_path / "out"),
-                      "--train_batch_size", "1", "--max_train_steps", "1", *TINY_TRAIN_FLAGS], check=False)  # fmt: skip
-    assert result.returncode == 2
-    assert "labels outside 0..1" in result.stderr and "Traceback" not in result.stderr
+    code, stderr = refused(["--dataset", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--train_batch_size",
+                            "1", "--max_train_steps", "1", *TINY_TRAIN_FLAGS], capsys)  # fmt: skip
+    assert code == 2 and "labels outside 0..1" in stderr
 
 
-def test_wrong_type_in_model_config_is_a_clear_error(tmp_path):
+def test_wrong_type_in_model_config_is_a_clear_error(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"layers_per_block": "two"}))
-    result = run_cli([*TRAIN, "--output_dir", str(tmp_path / "out"), "--model_config", str(config)], check=False)
-    assert result.returncode == 2
-    assert "Cannot build the model from" in result.stderr and "Traceback" not in result.stderr
+    code, stderr = refused(["--output_dir", str(tmp_path / "out"), "--model_config", str(config)], capsys)
+    assert code == 2 and "Cannot build the model from" in stderr
 
 
-def test_damaged_checkpoint_file_is_refused_clearly(finished_run, tmp_path):
+def test_damaged_checkpoint_file_is_refused_clearly(finished_run, tmp_path, capsys):
     output_dir = copy_of(finished_run, tmp_path)
     save_file({"unrelated": torch.zeros(1)}, output_dir / "checkpoints" / "checkpoint-2" / "model.safetensors")
-    result = run_cli([*TRAIN, "--output_dir", str(output_dir), "--max_train_steps", "4", "--resume_from_checkpoint",
-                      "latest", *RUN], check=False)  # fmt: skip
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "Cannot resume from" in result.stderr and "checkpoint-2" in result.stderr
+    code, stderr = refused(["--output_dir", str(output_dir), "--max_train_steps", "4", "--resume_from_checkpoint",
+                            "latest", *RUN], capsys)  # fmt: skip
+    assert code == 2 and "Cannot resume from" in stderr and "checkpoint-2" in stderr
 
 
 def test_a_checkpoint_gives_the_pipeline_of_its_step(finished_run):
@@ -297,39 +296,37 @@ def test_a_checkpoint_gives_the_pipeline_of_its_step(finished_run):
     assert any(not torch.equal(raw[name], tensor) for name, tensor in saved.items())  # the run kept an EMA
 
 
-def test_a_pickle_planted_in_a_checkpoint_never_runs_on_resume(finished_run, tmp_path):
+def test_a_pickle_planted_in_a_checkpoint_never_runs_on_resume(finished_run, tmp_path, capsys):
     """Guards against accelerate's full-pickle path: the old code registered the LR scheduler and the EMA with
     `register_for_checkpointing`, so `load_state` unpickled this file (and ran its code) on resume."""
     output_dir = copy_of(finished_run, tmp_path)
     marker = tmp_path / "code_ran"
     torch.save(CreatesMarker(marker), output_dir / "checkpoints" / "checkpoint-2" / "custom_checkpoint_0.pkl")
-    result = run_cli([*TRAIN, "--output_dir", str(output_dir), "--max_train_steps", "4", "--resume_from_checkpoint",
-                      "latest", *RUN], check=False)  # fmt: skip
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "custom_checkpoint_0.pkl" in result.stderr and "can run code" in result.stderr
+    code, stderr = refused(["--output_dir", str(output_dir), "--max_train_steps", "4", "--resume_from_checkpoint",
+                            "latest", *RUN], capsys)  # fmt: skip
+    assert code == 2 and "custom_checkpoint_0.pkl" in stderr and "can run code" in stderr
     assert not marker.exists()
 
 
-def test_resume_under_a_changed_recipe_names_each_changed_flag(finished_run, tmp_path):
+def test_resume_under_a_changed_recipe_names_each_changed_flag(finished_run, tmp_path, capsys):
     # Each used to be ignored (the learning rate), accepted (the objective) or called "damaged" (the network).
     output_dir = copy_of(finished_run, tmp_path)
-    result = run_cli([*TRAIN, "--output_dir", str(output_dir), "--max_train_steps", "4", "--resume_from_checkpoint",
-                      "latest", *RUN, "--learning_rate", "0.002", "--prediction_type", "v_prediction",
-                      "--block_out_channels", "16", "32", "32"], check=False)  # fmt: skip
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    code, stderr = refused(["--output_dir", str(output_dir), "--max_train_steps", "4", "--resume_from_checkpoint",
+                            "latest", *RUN, "--learning_rate", "0.002", "--prediction_type", "v_prediction",
+                            "--block_out_channels", "16", "32", "32"], capsys)  # fmt: skip
+    assert code == 2
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
     for change in ("--learning_rate 0.001 (now 0.002)", "--prediction_type epsilon (now v_prediction)",
                    "--block_out_channels 16 16 16 (now 16 32 32)"):  # fmt: skip
         assert change in line, line
     assert "damaged" not in line
 
 
-def test_resume_with_another_global_batch_is_refused(finished_run, tmp_path):
+def test_resume_with_another_global_batch_is_refused(finished_run, tmp_path, capsys):
     output_dir = copy_of(finished_run, tmp_path)
-    result = run_cli([*TRAIN, "--output_dir", str(output_dir), "--max_train_steps", "4", "--resume_from_checkpoint",
-                      "latest", *RUN, "--train_batch_size", "4"], check=False)  # fmt: skip
-    assert result.returncode == 2
-    assert "--global_batch_size 8 (now 4)" in result.stderr and "Traceback" not in result.stderr
+    code, stderr = refused(["--output_dir", str(output_dir), "--max_train_steps", "4", "--resume_from_checkpoint",
+                            "latest", *RUN, "--train_batch_size", "4"], capsys)  # fmt: skip
+    assert code == 2 and "--global_batch_size 8 (now 4)" in stderr
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -16,7 +16,7 @@ import pytest
 from pipeline import ClassConditionedDDIMPipeline
 from pipeline.evaluate import EvaluationSet, generate_for_evaluation, load_evaluation_set, score_images
 from pipeline.schedulers import SCHEDULERS, set_scheduler
-from tests.conftest import DATASET, accelerate_launch
+from tests.conftest import DATASET, train_here
 
 MIN_COND_ACCURACY = 0.2  # the final validation of training: 20 images per class, DPM-Solver++ 10 steps, guidance 3
 MAX_LOSS_RATIO = 0.5  # last logging window's loss over the first one's
@@ -26,11 +26,8 @@ MIN_SAMPLER_ACCURACY = 0.2  # each sampler at 10 steps, 10 images per class, the
 @pytest.fixture(scope="module")
 def learned_dir(tmp_path_factory, classifier_cache) -> Path:
     output_dir = tmp_path_factory.mktemp("learning") / "run"
-    accelerate_launch(
-        "cpu.yaml",
-        ["--output_dir", str(output_dir), "--preset", "smoke", "--classifier_cache_dir", classifier_cache,
-         "--classifier_train_samples", "3000"],  # fmt: skip
-    )
+    train_here(["--output_dir", str(output_dir), "--preset", "smoke", "--classifier_cache_dir", classifier_cache,
+                "--classifier_train_samples", "3000"])  # fmt: skip
     return output_dir
 
 

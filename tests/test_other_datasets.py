@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline import evaluate, sampling
 from pipeline.data import DataFormat, load_split
-from tests.conftest import DATASET, TINY_TRAIN_FLAGS, accelerate_launch, run_cli
+from tests.conftest import DATASET, TINY_TRAIN_FLAGS, run_cli, train_here
 
 COLOURS = {"airplane": (40, 60, 220), "cat": (220, 60, 40)}  # one colour per class: a model can tell them apart
 
@@ -117,12 +118,11 @@ def test_mnist_reads_exactly_as_the_raw_images():
 
 def test_mnist_trains_to_the_same_weights_as_with_the_old_defaults(trained_dir, tmp_path):
     # `trained_dir` ran with the new defaults (size and channels from the data); the old ones, spelled out, must give
-    # the very same weights, bit for bit, so MNIST's numbers cannot move.
-    accelerate_launch(
-        "cpu.yaml",
-        ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "4", "--train_batch_size", "8", *TINY_TRAIN_FLAGS,
-         "--resolution", "28", "--image_column", "image", "--label_column", "label"],
-    )  # fmt: skip
+    # the very same weights, bit for bit, so MNIST's numbers cannot move (trained here, in this process: the same bits
+    # as the launched `trained_dir` trains with the same flags).
+    train_here(["--output_dir", str(tmp_path / "run"), "--max_train_steps", "4", "--train_batch_size", "8",
+                *TINY_TRAIN_FLAGS, "--resolution", "28", "--image_column", "image", "--label_column",
+                "label"])  # fmt: skip
     weights = "unet/diffusion_pytorch_model.safetensors"
     assert (tmp_path / "run" / weights).read_bytes() == (trained_dir / weights).read_bytes()
     unet = json.loads((tmp_path / "run" / "unet" / "config.json").read_text())
@@ -130,11 +130,15 @@ def test_mnist_trains_to_the_same_weights_as_with_the_old_defaults(trained_dir, 
 
 
 def train_tiny(dataset: Path, output_dir: Path, *flags: str) -> None:
-    accelerate_launch(
-        "cpu.yaml",
-        ["--dataset", str(dataset), "--output_dir", str(output_dir), "--max_train_steps", "2", "--train_batch_size",
-         "8", "--class_dropout_prob", "0.1", *TINY_TRAIN_FLAGS, *flags],
-    )  # fmt: skip
+    train_here(["--dataset", str(dataset), "--output_dir", str(output_dir), "--max_train_steps", "2",
+                "--train_batch_size", "8", "--class_dropout_prob", "0.1", *TINY_TRAIN_FLAGS, *flags])  # fmt: skip
+
+
+def evaluate_here(argv: list[str], capsys) -> dict:
+    """`python -m pipeline.evaluate ARGV` in this process: the JSON line it prints."""
+    capsys.readouterr()
+    evaluate.main(evaluate.parse_args(argv))
+    return json.loads(capsys.readouterr().out.splitlines()[-1])
 
 
 LOAD_THREE_WAYS = """
@@ -148,7 +152,7 @@ for pipe in (ClassConditionedDDIMPipeline.from_pretrained(sys.argv[1]),
 """
 
 
-def test_cifar_layout_end_to_end(cifar_layout, tmp_path):
+def test_cifar_layout_end_to_end(cifar_layout, tmp_path, capsys):
     output_dir = tmp_path / "run"
     train_tiny(cifar_layout, output_dir, "--image_column", "img")
     unet = json.loads((output_dir / "unet" / "config.json").read_text())
@@ -159,22 +163,20 @@ def test_cifar_layout_end_to_end(cifar_layout, tmp_path):
     lines = run_cli([sys.executable, "-c", LOAD_THREE_WAYS, str(output_dir)]).stdout.splitlines()
     assert [line.split(" ", 1)[1] for line in lines] == ["[('RGB', (32, 32)), ('RGB', (32, 32))]"] * 2
     grid = tmp_path / "grid.png"
-    run_cli([sys.executable, "sample.py", "--model", str(output_dir), "--num_images_per_label", "2",
-             "--num_inference_steps", "2", "--output", str(grid)])  # fmt: skip
+    sampling.cli(["--model", str(output_dir), "--num_images_per_label", "2", "--num_inference_steps", "2", "--output",
+                  str(grid)])  # fmt: skip
     assert Image.open(grid).mode == "RGB" and Image.open(grid).height == 2 * 34 + 2
 
-    evaluate = [sys.executable, "-m", "pipeline.evaluate", "--model", str(output_dir), "--seeds", "0",
-                "--num_images_per_label", "4", "--num_inference_steps", "2"]  # fmt: skip
-    result = run_cli([*evaluate, "--dataset", str(cifar_layout), "--image_column", "img",
-                      "--classifier_cache_dir", str(tmp_path / "classifiers")])  # fmt: skip
-    results = json.loads(result.stdout.splitlines()[-1])
+    results = evaluate_here(["--model", str(output_dir), "--seeds", "0", "--num_images_per_label", "4",
+                             "--num_inference_steps", "2", "--dataset", str(cifar_layout), "--image_column", "img",
+                             "--classifier_cache_dir", str(tmp_path / "classifiers")], capsys)  # fmt: skip
     assert results["num_images"] == 8 and 0 <= results["cond_accuracy"]["mean"] <= 1
     # The classifier learned from the fit part of this dataset (40 of its 48 training images), cached under its key.
     assert results["classifier"]["num_fit_images"] == 40
-    assert len(list((tmp_path / "classifiers").iterdir())) == 1
+    assert len(list((tmp_path / "classifiers").glob("classifier-*"))) == 1
 
 
-def test_imagefolder_end_to_end(tmp_path):
+def test_imagefolder_end_to_end(tmp_path, capsys):
     write_imagefolder(tmp_path / "data", {"train": 12, "test": 4})
     output_dir = tmp_path / "run"
     train_tiny(tmp_path / "data", output_dir, "--resolution", "16")
@@ -183,12 +185,11 @@ def test_imagefolder_end_to_end(tmp_path):
     lines = run_cli([sys.executable, "-c", LOAD_THREE_WAYS, str(output_dir)]).stdout.splitlines()
     assert [line.split(" ", 1)[1] for line in lines] == ["[('RGB', (16, 16)), ('RGB', (16, 16))]"] * 2
     grid = tmp_path / "grid.png"
-    run_cli([sys.executable, "sample.py", "--model", str(output_dir), "--class_labels", "cat", "--num_images_per_label",
-             "2", "--num_inference_steps", "2", "--output", str(grid)])  # fmt: skip
+    sampling.cli(["--model", str(output_dir), "--class_labels", "cat", "--num_images_per_label", "2",
+                  "--num_inference_steps", "2", "--output", str(grid)])  # fmt: skip
     assert Image.open(grid).mode == "RGB" and Image.open(grid).height == 16 + 2 * 2
     # evaluated at the model's 16 pixels against the folder's test/ images; 2 per class: the floor's pool holds 2
-    result = run_cli([sys.executable, "-m", "pipeline.evaluate", "--model", str(output_dir), "--dataset",
-                      str(tmp_path / "data"), "--seeds", "0", "--num_images_per_label", "2", "--num_inference_steps",
-                      "2", "--classifier_cache_dir", str(tmp_path / "classifiers")])  # fmt: skip
-    results = json.loads(result.stdout.splitlines()[-1])
+    results = evaluate_here(["--model", str(output_dir), "--dataset", str(tmp_path / "data"), "--seeds", "0",
+                             "--num_images_per_label", "2", "--num_inference_steps", "2", "--classifier_cache_dir",
+                             str(tmp_path / "classifiers")], capsys)  # fmt: skip
     assert results["num_images"] == 4 and results["classifier"]["num_fit_images"] == 20

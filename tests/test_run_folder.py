@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline import sampling
 from pipeline.errors import UsageError
 from pipeline.run_folder import OWNER_FILE, RECORD_FILE, acquire_lock, claim_output_dir, read_owner, release_lock
-from tests.conftest import REPO_ROOT, TINY_TRAIN_FLAGS, cli_env, exit_code_and_stderr, run_cli
+from tests.conftest import REPO_ROOT, TINY_TRAIN_FLAGS, cli_env, exit_code_and_stderr, run_cli, train_here
 
 TRAIN = [sys.executable, str(REPO_ROOT / "train_conditional.py")]
 RUN = [*TINY_TRAIN_FLAGS, "--train_batch_size", "8", "--max_train_samples", "48"]
@@ -84,12 +84,11 @@ def test_a_folder_written_before_the_record_existed_is_still_the_projects(traine
     release_lock(str(folder))
 
 
-def test_a_run_refuses_a_folder_of_user_files_before_writing_anything(tmp_path):
+def test_a_run_refuses_a_folder_of_user_files_before_writing_anything(tmp_path, capsys):
     (tmp_path / "README.md").write_text("my project")
-    result = run_cli([*TRAIN, "--output_dir", str(tmp_path), "--max_train_steps", "2", "--overwrite_output_dir", *RUN],
-                     check=False)  # fmt: skip
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "README.md" in result.stderr and "choose another --output_dir" in result.stderr
+    argv = ["--output_dir", str(tmp_path), "--max_train_steps", "2", "--overwrite_output_dir", *RUN]
+    code, stderr = exit_code_and_stderr(train_here, argv, capsys)
+    assert code == 2 and "README.md" in stderr and "choose another --output_dir" in stderr
     assert os.listdir(tmp_path) == ["README.md"] and (tmp_path / "README.md").read_text() == "my project"
 
 

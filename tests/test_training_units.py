@@ -5,7 +5,6 @@ short runs with the same seed (one with EMA and a checkpoint after every step, o
 compared with the initial weights and with each other.
 """
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 
 from pipeline import ClassConditionedUNet
 from pipeline.training import diffusion_loss
-from tests.conftest import TINY_TRAIN_FLAGS, accelerate_launch
+from tests.conftest import TINY_TRAIN_FLAGS, train_here
 
 # Timesteps over the whole schedule, ends included: min-SNR-5 caps the weights of the low-noise ones (SNR > 5) only.
 TIMESTEPS = [0, 1, 250, 500, 998, 999]
@@ -106,19 +105,14 @@ def max_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tenso
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two real runs with the same seed, launched side by side: EMA with a checkpoint per step, and clipped."""
+    """Two real runs with the same seed: EMA with a checkpoint per step, and clipped."""
     root = tmp_path_factory.mktemp("training_units")
     script_args = {
         "ema": [*RUN_FLAGS, "--max_train_steps", "3", "--checkpointing_steps", "1", *EMA_FLAGS],
         "clipped": [*RUN_FLAGS, "--max_train_steps", "2", "--max_grad_norm", TINY_GRAD_NORM],
     }
-    with ThreadPoolExecutor(len(script_args)) as pool:
-        launches = [
-            pool.submit(accelerate_launch, "cpu.yaml", ["--output_dir", str(root / name), *args])
-            for name, args in script_args.items()
-        ]
-        for launch in launches:
-            launch.result()  # re-raises a failed launch's pytest.fail with its output
+    for name, args in script_args.items():
+        train_here(["--output_dir", str(root / name), *args])
     return {name: root / name for name in script_args}
 
 
