@@ -40,7 +40,7 @@ from .data import DEFAULT_FORMAT, DataFormat, ImageClassData, add_column_flags, 
 from .errors import UsageError, one_line_errors
 from .loading import load_pipeline
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
-from .schedulers import SCHEDULERS, add_guidance_interval_flag, set_scheduler
+from .schedulers import SCHEDULERS, add_guidance_flag, add_guidance_interval_flag, set_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ def generate_for_evaluation(
     seed: int = 0,
     batch_size: int = 500,
     guidance_interval: tuple[float, float] | None = None,
+    guidance: str | None = None,
     accelerator: Accelerator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images in [0, 1] (float32, on the CPU) and their requested labels, every class equally often.
@@ -171,6 +172,7 @@ def generate_for_evaluation(
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 guidance_interval=guidance_interval,
+                guidance=guidance,
                 generator=[torch.Generator().manual_seed(seed * 1_000_003 + index) for index in batch],
                 output_type="pt",
             ).images
@@ -275,6 +277,7 @@ def evaluate(
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
     guidance_interval: tuple[float, float] | None = None,
+    guidance: str | None = None,
     cas_images_per_label: int | None = None,
     classifier_cache_dir: str | None = None,
     classifier_train_samples: int | None = None,
@@ -294,7 +297,7 @@ def evaluate(
             "the dataset the model was trained on (--dataset, --image_column, --label_column)."
         )
     sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                "guidance_interval": guidance_interval}  # fmt: skip
+                "guidance_interval": guidance_interval, "guidance": guidance}  # fmt: skip
     per_seed = []
     for seed in seeds:
         images, labels = generate_for_evaluation(pipe, num_images_per_label, seed=seed, **sampling)
@@ -352,6 +355,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Classifier-free guidance scale (default: the pipeline's saved default).",
     )
     add_guidance_interval_flag(parser)
+    add_guidance_flag(parser)
     parser.add_argument(
         "--scheduler",
         choices=sorted(SCHEDULERS),
@@ -424,13 +428,15 @@ def main(args: argparse.Namespace) -> None:
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         guidance_interval=args.guidance_interval,
+        guidance=args.guidance,
         cas_images_per_label=args.cas,
         classifier_cache_dir=args.classifier_cache_dir,
         classifier_train_samples=args.classifier_train_samples,
         data_format=DataFormat(args.image_column, args.label_column),
     )
     # What the pipeline ran with: the saved default wherever a flag was not given.
-    settings = pipe.sampling_settings(args.num_inference_steps, args.guidance_scale, args.guidance_interval)
+    settings = pipe.sampling_settings(args.num_inference_steps, args.guidance_scale, args.guidance_interval,
+                                      args.guidance)  # fmt: skip
     scheduler = type(pipe.scheduler).__name__
     print(summary_line(results), file=sys.stderr)
     print(json.dumps({"model": args.model, "scheduler": scheduler, **settings, **results}))

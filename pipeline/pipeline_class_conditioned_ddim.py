@@ -49,6 +49,7 @@ def free_memory_bytes(device: torch.device) -> int | None:
 # "latent" is diffusers' name for the undecoded result: here the final batch in [-1, 1], before mapping to [0, 1].
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # A saved folder carries this file and the model file under these names (see `save_pretrained`).
+GUIDANCE_KINDS = ("cfg", "autoguidance")
 PIPELINE_FILE_STEM = "pipeline_class_conditioned_ddim"
 MODEL_FILE_STEM = "modeling_class_conditioned_unet"
 
@@ -89,9 +90,17 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
         default_guidance_interval (`list[float]`, *optional*, defaults to `None`):
             `[start, stop]`, the part of the denoising steps that is guided when a call does not say (`None`: all of
             them, `[0.0, 1.0]`); saved likewise.
+        guide_unet ([`ClassConditionedUNet`], *optional*, defaults to `None`):
+            A weaker version of `unet` (an early checkpoint, or a smaller network trained on the same classes) for
+            autoguidance ([Karras et al. 2024](https://huggingface.co/papers/2406.02507)): the prediction is moved
+            away from the guide's instead of from the unconditional one. Saved in `guide_unet/` beside `unet/`.
+        default_guidance (`str`, *optional*, defaults to `"cfg"`):
+            The kind of guidance used when a call does not say: `"cfg"` (classifier-free) or `"autoguidance"` (needs
+            `guide_unet`); saved likewise.
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "unet->guide_unet"
+    _optional_components = ["guide_unet"]
     # One tensor under two names: "latents", as every diffusers pipeline (and its tests) calls the batch being
     # denoised, and "images", as this pipeline's loop and earlier callbacks do.
     _callback_tensor_inputs = ["latents", "images"]
@@ -118,16 +127,33 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
         default_guidance_scale: float = 1.0,
         # A list, not a tuple: diffusers checks the types of these arguments on loading and knows lists only.
         default_guidance_interval: list[float] | None = None,
+        guide_unet: ModelMixin | None = None,
+        default_guidance: str = "cfg",
     ):
         super().__init__()
         # Unlike diffusers' DDIMPipeline we keep the scheduler we are given: a saved pipeline may carry a faster
         # sampler as its default, and converting it back to DDIM on load would silently discard that choice.
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, guide_unet=guide_unet)
         self.register_to_config(
             default_num_inference_steps=default_num_inference_steps,
             default_guidance_scale=default_guidance_scale,
             default_guidance_interval=list(default_guidance_interval or (0.0, 1.0)),
+            default_guidance=default_guidance,
         )
+        self.check_guidance(default_guidance)
+
+    def check_guidance(self, guidance: str) -> None:
+        """Refuse a kind of guidance this pipeline cannot do, naming the fix."""
+        if guidance not in GUIDANCE_KINDS:
+            raise ValueError(f"Unknown guidance {guidance!r}; use one of {list(GUIDANCE_KINDS)}.")
+        if guidance == "autoguidance":
+            if self.guide_unet is None:
+                raise ValueError("guidance='autoguidance' needs a guide_unet; this pipeline has none (use 'cfg').")
+            if self.guide_unet.config.num_classes != self.unet.config.num_classes:
+                raise ValueError(
+                    f"The guide_unet knows {self.guide_unet.config.num_classes} classes, the unet "
+                    f"{self.unet.config.num_classes}; a guide must be trained on the same classes."
+                )
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -137,8 +163,9 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
         config = output[0] if isinstance(output, tuple) else output
         if isinstance(config.get("_class_name"), list):
             config["_class_name"] = config["_class_name"][1]
-        if config.get("unet") == [MODEL_FILE_STEM, "ClassConditionedUNet"]:
-            config["unet"] = [ClassConditionedUNet.__module__, "ClassConditionedUNet"]
+        for name in ("unet", "guide_unet"):
+            if config.get(name) == [MODEL_FILE_STEM, "ClassConditionedUNet"]:
+                config[name] = [ClassConditionedUNet.__module__, "ClassConditionedUNet"]
         return output
 
     def save_pretrained(
@@ -194,12 +221,15 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
         model_file = inspect.getsourcefile(ClassConditionedUNet)
         shutil.copyfile(__file__, os.path.join(save_directory, f"{PIPELINE_FILE_STEM}.py"))
         shutil.copyfile(model_file, os.path.join(save_directory, f"{MODEL_FILE_STEM}.py"))
-        shutil.copyfile(model_file, os.path.join(save_directory, "unet", f"{MODEL_FILE_STEM}.py"))
+        networks = ["unet"] + (["guide_unet"] if self.guide_unet is not None else [])
+        for name in networks:
+            shutil.copyfile(model_file, os.path.join(save_directory, name, f"{MODEL_FILE_STEM}.py"))
         index_file = os.path.join(save_directory, "model_index.json")
         with open(index_file) as f:
             index = json.load(f)
         index["_class_name"] = [PIPELINE_FILE_STEM, "ClassConditionedDDIMPipeline"]
-        index["unet"] = [MODEL_FILE_STEM, "ClassConditionedUNet"]
+        for name in networks:
+            index[name] = [MODEL_FILE_STEM, "ClassConditionedUNet"]
         with open(index_file, "w") as f:
             f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
@@ -236,11 +266,15 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         guidance_interval: tuple[float, float] | list[float] | None = None,
+        guidance: str | None = None,
     ) -> dict:
         """What a call with these arguments samples with: each `None` becomes the saved default
-        (`default_num_inference_steps`, `default_guidance_scale`, `default_guidance_interval`). `__call__` settles its
-        arguments here, so callers that report their settings (validation, evaluation) read them back from it."""
+        (`default_num_inference_steps`, `default_guidance_scale`, `default_guidance_interval`, `default_guidance`).
+        `__call__` settles its arguments here, so callers that report their settings (validation, evaluation) read
+        them back from it."""
         return {
+            # Folders saved before autoguidance existed have no default_guidance: they guide classifier-free.
+            "guidance": self.config.get("default_guidance", "cfg") if guidance is None else guidance,
             "num_inference_steps": self.config.default_num_inference_steps
             if num_inference_steps is None
             else num_inference_steps,
@@ -320,6 +354,7 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
+        guidance: str | None = None,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
@@ -357,6 +392,11 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
                 quality and diversity ([Kynkäänniemi et al. 2024](https://huggingface.co/papers/2404.07724)).
                 `None` uses the pipeline's `default_guidance_interval` (`(0.0, 1.0)`, every step, unless the
                 training recipe saved another).
+            guidance (`str`, *optional*, defaults to `None`):
+                What a guided step moves away from: `"cfg"`, the model's own unconditional prediction (one batched
+                call of 2N images per step), or `"autoguidance"`, the prediction of the pipeline's `guide_unet`, a
+                weaker model of the same classes (two calls of N images per step, one per network). `guidance_scale`
+                and `guidance_interval` apply to both. `None` uses the pipeline's `default_guidance`.
             eta (`float`, *optional*, defaults to 0.0):
                 The η of the [DDIM](https://huggingface.co/papers/2010.02502) paper: `0` is deterministic DDIM, `1`
                 is DDPM-like. Passed only to schedulers whose `step` accepts it.
@@ -396,9 +436,11 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
             if default_guidance_scale > 1.0:
                 message += f"; this model's default is {default_guidance_scale} (guidance_scale=None uses it)"
             logger.warning(message + ".")
-        settings = self.sampling_settings(num_inference_steps, guidance_scale, guidance_interval)
+        settings = self.sampling_settings(num_inference_steps, guidance_scale, guidance_interval, guidance)
         num_inference_steps, guidance_scale = settings["num_inference_steps"], settings["guidance_scale"]
-        guidance_interval = settings["guidance_interval"]
+        guidance_interval, guidance = settings["guidance_interval"], settings["guidance"]
+        self.check_guidance(guidance)
+        autoguidance = guidance == "autoguidance"
         counts = {"num_images_per_label": num_images_per_label, "num_inference_steps": num_inference_steps}
         for name, value in counts.items():
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
@@ -415,7 +457,8 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
             raise ValueError(f"num_images_per_label must be at least 1, got {num_images_per_label}.")
         label_ids = self.get_label_ids(class_labels)
         # before the per-image list is built: a huge num_images_per_label is refused, not allocated
-        self.check_memory(len(label_ids) * num_images_per_label, guided=guidance_scale > 1.0)
+        # a guide's call is a second batch of N after the first, not one of 2N
+        self.check_memory(len(label_ids) * num_images_per_label, guided=guidance_scale > 1.0 and not autoguidance)
         class_ids = [i for i in label_ids for _ in range(num_images_per_label)]
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
@@ -440,7 +483,7 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
         # On the pipeline rather than local, as in diffusers: a step callback may read and change them.
         self._guidance_scale = guidance_scale
         self._interrupt = False
-        if self.do_classifier_free_guidance and not self.unet.config.class_dropout_prob:
+        if self.do_classifier_free_guidance and not autoguidance and not self.unet.config.class_dropout_prob:
             logger.warning(
                 f"guidance_scale={guidance_scale} asks for classifier-free guidance, but this model was trained "
                 "without class dropout, so its 'no class' prediction is untrained; expect poor images. Use "
@@ -474,14 +517,18 @@ class ClassConditionedDDIMPipeline(DiffusionPipeline):
             # 2. predict the noise model_output (both guidance halves in one call); decided at every step, since a
             # callback may have switched guidance on or off
             do_guidance = self.do_classifier_free_guidance and first_guided <= i < stop_guided
-            model_input = torch.cat([images, images]) if do_guidance else images
+            do_cfg = do_guidance and not autoguidance
+            model_input = torch.cat([images, images]) if do_cfg else images
             model_input = self.scheduler.scale_model_input(model_input, t)
-            model_output = self.unet(model_input, t, guided_labels if do_guidance else class_labels).sample
+            model_output = self.unet(model_input, t, guided_labels if do_cfg else class_labels).sample
 
-            # 3. perform guidance: move the prediction away from the unconditional one
-            if do_guidance:
+            # 3. perform guidance: move the prediction away from the unconditional one, or from the weaker guide's
+            if do_cfg:
                 cond_output, uncond_output = model_output.chunk(2)
                 model_output = uncond_output + self.guidance_scale * (cond_output - uncond_output)
+            elif do_guidance:
+                guide_output = self.guide_unet(model_input, t, class_labels).sample
+                model_output = guide_output + self.guidance_scale * (model_output - guide_output)
 
             # 4. compute the previous noisy sample x_t -> x_t-1
             images = self.scheduler.step(model_output, t, images, **step_kwargs).prev_sample

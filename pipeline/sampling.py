@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 
 from .errors import UsageError, one_line_errors
-from .schedulers import SCHEDULERS, add_guidance_interval_flag
+from .schedulers import SCHEDULERS, add_guidance_flag, add_guidance_interval_flag
 
 USAGE = """Sample from a trained `ClassConditionedDDIMPipeline` into a PNG grid, one labelled row per requested class.
 
@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "with --class_dropout_prob.",
     )
     add_guidance_interval_flag(parser)
+    add_guidance_flag(parser)
     parser.add_argument(
         "--scheduler", choices=sorted(SCHEDULERS), default=None, help="Sampler (default: the one saved with the model)."
     )
@@ -124,6 +125,7 @@ def sample_and_write(args: argparse.Namespace) -> None:
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         guidance_interval=args.guidance_interval,
+        guidance=args.guidance,
         eta=args.eta,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="pt",

@@ -13,6 +13,7 @@ from diffusers import (
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 from .errors import UsageError
+from .pipeline_class_conditioned_ddim import GUIDANCE_KINDS
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -59,3 +60,14 @@ def add_guidance_interval_flag(
     """The CLIs' `START STOP` flag of `pipe(guidance_interval=...)`, checked as it is parsed."""
     parser.add_argument(name, type=float, nargs=2, default=default, metavar=("START", "STOP"), help=help,
                         action=GuidanceIntervalAction)  # fmt: skip
+
+
+def add_guidance_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The CLIs' `--guidance` of `pipe(guidance=...)`: what a guided step moves away from."""
+    parser.add_argument(
+        "--guidance",
+        choices=GUIDANCE_KINDS,
+        default=None,
+        help="cfg: the model's unconditional prediction; autoguidance: the saved guide network's (folders that have "
+        "one). Default: the model's saved default.",
+    )
