@@ -43,7 +43,7 @@ RECIPE_FLAGS = (
     "prediction_type", "beta_schedule", "num_train_timesteps", "snr_gamma", "class_dropout_prob",
     "learning_rate", "lr_scheduler", "lr_warmup_steps", "max_grad_norm",
     "use_ema", "ema_max_decay", "ema_inv_gamma", "ema_power",
-    "teacher", "teacher_guidance_scale", "num_ddim_timesteps", "huber_c",
+    "teacher", "teacher_guidance_scale", "num_ddim_timesteps", "huber_c", "guide_step",
 )  # fmt: skip
 ARCHITECTURE_FLAGS = ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
                       "attention_head_dim", "class_emb_size", "norm_num_groups", "time_class_embedding")  # fmt: skip
@@ -52,6 +52,12 @@ SAFE_TO_CHANGE = ("--max_train_steps", "--num_epochs", "--mixed_precision", "--m
                   "the saved sampling defaults")  # fmt: skip
 # Beyond the weights: configs, code files, RNG states, the sample grid and model card (each well under 1 MiB here).
 SLACK_BYTES = 2**20
+
+
+def guide_dir(output_dir: str) -> str:
+    """Where a run keeps its autoguidance guide (`--guide_step`) until the final pipeline takes it in: with the
+    checkpoints, which a resumed run needs it beside (pruning removes only `checkpoint-STEP` folders)."""
+    return os.path.join(checkpoints_dir(output_dir), "guide")
 
 
 def checkpoints_dir(output_dir: str) -> str:

@@ -194,6 +194,15 @@ def add_sampling_flags(sampling: argparse._ArgumentGroup) -> None:
         default=[0.0, 1.0],
         help="Part of the denoising steps that is guided when a call does not say, as fractions (default: all).",
     )
+    sampling.add_argument(
+        "--guide_step",
+        type=positive_int,
+        default=None,
+        help="Autoguidance (Karras et al. 2024): keep the model as it stands after this step (its EMA weights with "
+        "--use_ema) as the saved pipeline's guide network, and guide with it by default: a guided step moves away "
+        "from this weaker model's prediction instead of the unconditional one, by --default_guidance_scale. "
+        "Default: no guide (classifier-free guidance).",
+    )
 
 
 def add_training_flags(training: argparse._ArgumentGroup) -> None:
@@ -445,6 +454,11 @@ def check_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> argp
                 json.load(file)
         except (OSError, ValueError) as error:
             parser.error(f"--model_config {args.model_config!r} is not a readable JSON config: {error}")
+    if args.guide_step and args.max_train_steps and args.guide_step >= args.max_train_steps:
+        parser.error(
+            f"--guide_step {args.guide_step} must come before the last step ({args.max_train_steps}): the guide is an "
+            "earlier, weaker version of the model"
+        )
     if args.validation_images_per_label == 1:
         parser.error("--validation_images_per_label must be 0 (no metrics) or at least 2 (FID needs a covariance)")
     if not len(args.block_out_channels) == len(args.down_block_types) == len(args.up_block_types):
@@ -556,6 +570,11 @@ def adopt_teacher_settings(parser: argparse.ArgumentParser, args: argparse.Names
     args.beta_schedule = scheduler_config["beta_schedule"]
     args.prediction_type = scheduler_config["prediction_type"]
     if args.teacher_guidance_scale is None:
+        if configs["model_index.json"].get("default_guidance") == "autoguidance":
+            parser.error(
+                f"--teacher {args.teacher!r} samples with autoguidance, which distillation does not reproduce yet; "
+                "pass --teacher_guidance_scale to distil its classifier-free guidance instead"
+            )
         args.teacher_guidance_scale = configs["model_index.json"].get("default_guidance_scale") or 1.0
     if args.teacher_guidance_scale > 1.0 and not unet_config.get("class_dropout_prob"):
         parser.error(

@@ -45,7 +45,7 @@ OWNER_FILE = ".run.owner.json"
 RECORD_FILE = ".run_files.json"
 # What a training run writes at the top of its folder: the pipeline (save_pretrained plus the code files), the model
 # card, the grid, the summary, the loss curve, checkpoints, trackers' logs.
-RUN_NAMES = ("model_index.json", "unet", "scheduler", "modeling_class_conditioned_unet.py",
+RUN_NAMES = ("model_index.json", "unet", "guide_unet", "scheduler", "modeling_class_conditioned_unet.py",
              "pipeline_class_conditioned_ddim.py", "README.md", "samples.png", "training_summary.json",
              "loss_curve.png", "checkpoints", "logs", "wandb")  # fmt: skip
 HIDDEN_NAMES = (LOCK_FILE, OWNER_FILE, RECORD_FILE, PIPELINE_STAGING)

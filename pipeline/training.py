@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from .checkpointing import (
     checkpoint_bytes,
     ensure_free_space,
     find_checkpoint,
+    guide_dir,
     list_checkpoints,
     load_checkpoint,
     pipeline_bytes,
@@ -181,14 +183,20 @@ def build_pipeline(
     unet.load_state_dict(state_dict)
     if ema_model is not None:
         ema_model.copy_to(unet.parameters())
+    guide_unet = None
+    if args.guide_step and os.path.isdir(guide_dir(args.output_dir)):  # saved at --guide_step (`save_guide`)
+        guide_unet = ClassConditionedUNet.from_pretrained(guide_dir(args.output_dir), use_safetensors=True)
+        guide_unet = guide_unet.to(accelerator.device).eval()
     pipeline = ClassConditionedDDIMPipeline(
         unet=unet.float().eval(),
         scheduler=noise_scheduler,
         default_num_inference_steps=args.default_num_inference_steps,
         default_guidance_scale=args.default_guidance_scale,
         default_guidance_interval=list(args.default_guidance_interval),
+        guide_unet=guide_unet,
+        default_guidance="autoguidance" if guide_unet is not None else "cfg",
     )
-    check_devices(accelerator.device, {"validation pipeline": pipeline.unet})
+    check_devices(accelerator.device, {"validation pipeline": pipeline.unet, "guide": guide_unet})
     set_scheduler(pipeline, args.default_scheduler)
     task.finish_pipeline(pipeline)
     return pipeline
@@ -407,6 +415,7 @@ def train(args: argparse.Namespace, task: Task | None = None) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
     # Found now rather than after hours of training: room for a checkpoint and the final pipeline.
     checkpoint_size, pipeline_size = checkpoint_bytes(model, ema_model), pipeline_bytes(model)
+    pipeline_size *= 2 if args.guide_step else 1  # the guide is a second network of the same size
     needed = pipeline_size + checkpoint_size * bool(args.checkpointing_steps)
     ensure_free_space(accelerator, args.output_dir, needed, "a checkpoint and the final pipeline")
 
@@ -434,6 +443,7 @@ def train(args: argparse.Namespace, task: Task | None = None) -> None:
     elif args.resume_from_checkpoint:
         logger.info(f"No checkpoint found in {args.output_dir}; starting a new run.")
     first_step = saved_state.get("global_step", 0)
+    check_guide(args, first_step, steps.max_train_steps)
     run_time.resumed(saved_state)
 
     # 6. trackers (a resumed run continues its W&B run) and the evaluation set for the validation metrics
@@ -469,6 +479,36 @@ def train(args: argparse.Namespace, task: Task | None = None) -> None:
         hub_model_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
         logger.info(f"Pushed the pipeline to {push_folder(args.output_dir, hub_model_id, args.hub_token)}")
     release_lock(args.output_dir)  # the main process's, after the trackers' last writes and the upload
+
+
+def save_guide(training: "Training") -> None:
+    """Autoguidance's guide: the model as it stands now (its EMA weights when the run keeps one), kept with the
+    checkpoints (`guide_dir`) so that a resumed run has it, and taken into the final pipeline as `guide_unet`."""
+    guide = training.pipeline().unet  # every process: gathering the weights is a collective
+    folder = guide_dir(training.args.output_dir)
+
+    def write() -> None:  # whole, then renamed: a crash never leaves half a guide
+        partial = f"{folder}.tmp"
+        shutil.rmtree(partial, ignore_errors=True)
+        guide.save_pretrained(partial, safe_serialization=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
+
+    on_main_process(training.accelerator, write)
+    logger.info(f"Saved the autoguidance guide (step {training.args.guide_step}) to {folder}")
+
+
+def check_guide(args: argparse.Namespace, first_step: int, max_train_steps: int) -> None:
+    """--guide_step names a step this run passes, and a run resumed after it still has the guide it saved."""
+    if not args.guide_step:
+        return
+    if args.guide_step >= max_train_steps:
+        raise UsageError(f"--guide_step {args.guide_step} must come before the last step ({max_train_steps}).")
+    if first_step >= args.guide_step and not os.path.isdir(guide_dir(args.output_dir)):
+        raise UsageError(
+            f"This run resumes at step {first_step}, after --guide_step {args.guide_step}, but its guide "
+            f"({guide_dir(args.output_dir)}) is gone; resume from a checkpoint before step {args.guide_step}."
+        )
 
 
 @dataclass
@@ -569,6 +609,8 @@ def train_loop(training: Training, first_step: int) -> tuple[int, "LoggingWindow
             )  # fmt: skip
         if stop_requested:
             raise stop_signals.stopped_error(global_step, steps.max_train_steps, checkpoint)
+        if global_step == args.guide_step:
+            save_guide(training)
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < steps.max_train_steps:
             log_validation(accelerator, training.pipeline(), args, global_step, training.evaluation)  # every process
     progress_bar.close()

@@ -1,15 +1,19 @@
-"""Autoguidance in the pipeline (Karras et al. 2024): a saved guide network, a weaker model of the same classes, that a
-guided step moves away from instead of the unconditional prediction. A pipeline without one samples as it always did.
+"""Autoguidance (Karras et al. 2024): a saved guide network, a weaker model of the same classes, that a guided step
+moves away from instead of the unconditional prediction; training keeps one with --guide_step. A pipeline without a
+guide samples as it always did.
 """
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from pipeline import ClassConditionedDDIMPipeline, ClassConditionedUNet
-from tests.conftest import TINY_UNET_CONFIG
+from pipeline import ClassConditionedDDIMPipeline, ClassConditionedUNet, config
+from pipeline.checkpointing import pipeline_at_checkpoint
+from tests.conftest import TINY_TRAIN_FLAGS, TINY_UNET_CONFIG, exit_code_and_stderr, train_here
 
 # `tiny_pipe`'s latents (labels 3 and 7, two each, 4 DDIM steps, seed 0) as the pipeline drew them at 33e8b99, before
 # autoguidance: [sum, sum of squares] per guidance scale.
@@ -95,3 +99,45 @@ def test_the_guide_and_its_defaults_are_saved_and_an_older_folder_still_loads(gu
     older = ClassConditionedDDIMPipeline.from_pretrained(tmp_path / "older")
     assert older.guide_unet is None and older.sampling_settings()["guidance"] == "cfg"
     assert torch.equal(latents(older, guidance_scale=1.0), latents(tiny_pipe, guidance_scale=1.0))
+
+
+# A tiny run that keeps its model at step 2 of 4 as the guide (with EMA, class dropout and a checkpoint every 2 steps).
+GUIDED_RUN = [*TINY_TRAIN_FLAGS, "--train_batch_size", "8", "--max_train_samples", "48", "--use_ema",
+              "--class_dropout_prob", "0.1", "--max_train_steps", "4", "--checkpointing_steps", "2",
+              "--guide_step", "2", "--default_guidance_scale", "2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def guided_run(tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("guided") / "run"
+    train_here(["--output_dir", str(output_dir), *GUIDED_RUN])
+    return output_dir
+
+
+def test_guide_step_saves_the_model_of_that_step_as_the_guide(guided_run):
+    pipe = ClassConditionedDDIMPipeline.from_pretrained(guided_run)
+    assert pipe.sampling_settings()["guidance"] == "autoguidance" and pipe.sampling_settings()["guidance_scale"] == 2
+    # The guide is the run's EMA model after step 2, as checkpoint-2 holds it; the final model has moved on.
+    at_step_2 = pipeline_at_checkpoint(str(guided_run), str(guided_run / "checkpoints" / "checkpoint-2")).unet
+    guide, final = pipe.guide_unet.state_dict(), pipe.unet.state_dict()
+    assert all(torch.equal(guide[name], tensor) for name, tensor in at_step_2.state_dict().items())
+    assert any(not torch.equal(final[name], tensor) for name, tensor in guide.items())
+    index = json.loads((guided_run / "model_index.json").read_text())
+    assert index["guide_unet"] == ["modeling_class_conditioned_unet", "ClassConditionedUNet"]
+    assert len(pipe(class_labels=[1, 2], num_inference_steps=2).images) == 2
+    assert "| `guide_step` | 2 |" in (guided_run / "README.md").read_text()
+
+
+def test_a_run_resumed_after_its_guide_step_needs_the_guide(guided_run, tmp_path, capsys):
+    output_dir = Path(shutil.copytree(guided_run, tmp_path / "run"))
+    shutil.rmtree(output_dir / "checkpoints" / "guide")
+    argv = ["--output_dir", str(output_dir), *GUIDED_RUN, "--max_train_steps", "6", "--resume_from_checkpoint",
+            "latest"]  # fmt: skip
+    code, stderr = exit_code_and_stderr(train_here, argv, capsys)
+    assert code == 2 and "after --guide_step 2, but its guide" in stderr and "resume from a checkpoint before" in stderr
+
+
+def test_the_guide_step_comes_before_the_last_step(tmp_path, capsys):
+    argv = ["--output_dir", str(tmp_path / "run"), *GUIDED_RUN, "--guide_step", "4"]
+    code, stderr = exit_code_and_stderr(config.parse_args, argv, capsys)
+    assert code == 2 and "--guide_step 4 must come before the last step (4)" in stderr
