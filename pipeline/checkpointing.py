@@ -248,6 +248,9 @@ def save_pipeline(pipeline: DiffusionPipeline, output_dir: str, needed_bytes: in
         if os.path.isdir(target):
             remove_folder(target)
         os.replace(os.path.join(staging, name), target)
+    stale_guide = os.path.join(output_dir, "guide_unet")  # an earlier run's, when this pipeline has no guide
+    if not pipeline.config.get("guide_unet", [None])[0] and os.path.isdir(stale_guide):
+        remove_folder(stale_guide)
     os.replace(os.path.join(staging, "model_index.json"), index)
     os.rmdir(staging)
 

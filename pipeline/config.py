@@ -454,6 +454,11 @@ def check_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> argp
                 json.load(file)
         except (OSError, ValueError) as error:
             parser.error(f"--model_config {args.model_config!r} is not a readable JSON config: {error}")
+    if args.guide_step and args.default_guidance_scale <= 1.0:
+        parser.error(
+            f"--guide_step guides by --default_guidance_scale, which is {args.default_guidance_scale}: at 1 or less "
+            "the guide is never used; pass e.g. --default_guidance_scale 2"
+        )
     if args.guide_step and args.max_train_steps and args.guide_step >= args.max_train_steps:
         parser.error(
             f"--guide_step {args.guide_step} must come before the last step ({args.max_train_steps}): the guide is an "
@@ -531,8 +536,11 @@ def parse_distill_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--huber_c", type=positive_float, default=0.001, help="The pseudo-Huber loss's c (diffusers' LCM default)."
     )
     parser.set_defaults(**DISTILLATION_DEFAULTS)
-    if parser.parse_args(argv).preset:  # checked before parse_args applies it
+    first_pass = parser.parse_args(argv)  # checked before the preset is applied and the flags are resolved
+    if first_pass.preset:
         parser.error("--preset names training recipes; distill.py takes the teacher's network and its own defaults")
+    if first_pass.guide_step:
+        parser.error("--guide_step keeps an autoguidance guide while training a model; a distilled student has none")
     args = check_flags(parser, argv)
     if args.default_scheduler != "lcm":
         parser.error("a consistency-distilled student samples with --default_scheduler lcm only")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -129,10 +130,16 @@ def add_reference_features(
     for batch in torch.arange(len(reference)).split(1000):
         metric.update(reference.take(batch).float() / 255, real=True)
     if path:  # written whole, then renamed: a crash or a second process never leaves half a file
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         partial = f"{path}.tmp-{os.getpid()}"
-        save_file({name: getattr(metric, name) for name in REAL_FEATURES}, partial)
-        os.replace(partial, path)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_file({name: getattr(metric, name) for name in REAL_FEATURES}, partial)
+            os.replace(partial, path)
+        except (OSError, SafetensorError) as error:  # a cache saves time only: a read-only or full disk costs that
+            logger.warning(f"Could not cache the reference's FID features in {path} ({error}); computing them again "
+                           "next time.")  # fmt: skip
+            if os.path.exists(partial):
+                os.remove(partial)
 
 
 @torch.no_grad()

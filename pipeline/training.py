@@ -166,6 +166,7 @@ def build_pipeline(
     noise_scheduler: DDIMScheduler,
     args: argparse.Namespace,
     task: "Task",
+    step: int,
 ) -> ClassConditionedDDIMPipeline:
     """A pipeline around a float32 copy of the trained weights (EMA weights when EMA is on), on the accelerator's
     device so that validation samples there. Call on every process.
@@ -184,7 +185,7 @@ def build_pipeline(
     if ema_model is not None:
         ema_model.copy_to(unet.parameters())
     guide_unet = None
-    if args.guide_step and os.path.isdir(guide_dir(args.output_dir)):  # saved at --guide_step (`save_guide`)
+    if args.guide_step and step > args.guide_step:  # after --guide_step: the guide `save_guide` kept then
         guide_unet = ClassConditionedUNet.from_pretrained(guide_dir(args.output_dir), use_safetensors=True)
         guide_unet = guide_unet.to(accelerator.device).eval()
     pipeline = ClassConditionedDDIMPipeline(
@@ -463,7 +464,7 @@ def train(args: argparse.Namespace, task: Task | None = None) -> None:
     # 7. the final pipeline: exactly what `ClassConditionedDDIMPipeline.from_pretrained(output_dir)` loads
     accelerator.wait_for_everyone()
     divergence.raise_if_diverged(args.output_dir)
-    pipeline = training.pipeline()
+    pipeline = training.pipeline(global_step)
     # Saved before the final validation, so that nothing after it can cost the trained weights.
     on_main_process(accelerator, lambda: save_pipeline(pipeline, args.output_dir, needed_bytes=pipeline_size))
     logger.info(f"Saved the pipeline to {args.output_dir}")
@@ -484,7 +485,7 @@ def train(args: argparse.Namespace, task: Task | None = None) -> None:
 def save_guide(training: "Training") -> None:
     """Autoguidance's guide: the model as it stands now (its EMA weights when the run keeps one), kept with the
     checkpoints (`guide_dir`) so that a resumed run has it, and taken into the final pipeline as `guide_unet`."""
-    guide = training.pipeline().unet  # every process: gathering the weights is a collective
+    guide = training.pipeline(training.args.guide_step).unet  # the model alone, as every process has it
     folder = guide_dir(training.args.output_dir)
 
     def write() -> None:  # whole, then renamed: a crash never leaves half a guide
@@ -531,8 +532,10 @@ class Training:
     run_time: "RunTime"
     evaluation: EvaluationSet | None
 
-    def pipeline(self) -> ClassConditionedDDIMPipeline:
-        return build_pipeline(self.accelerator, self.model, self.ema_model, self.noise_scheduler, self.args, self.task)
+    def pipeline(self, step: int) -> ClassConditionedDDIMPipeline:
+        """The pipeline of the model after `step` (with the guide once past --guide_step)."""
+        return build_pipeline(self.accelerator, self.model, self.ema_model, self.noise_scheduler, self.args, self.task,
+                              step)  # fmt: skip
 
 
 def train_loop(training: Training, first_step: int) -> tuple[int, "LoggingWindow", "DivergenceCheck"]:
@@ -590,8 +593,11 @@ def train_loop(training: Training, first_step: int) -> tuple[int, "LoggingWindow
         # can queue the next step while this one runs (a stop then waits at most --logging_steps steps).
         save_due = bool(args.checkpointing_steps) and global_step % args.checkpointing_steps == 0
         stop_requested = accelerator.check_trigger() if (on_cpu or log_this_step or save_due) else False
-        if log_this_step or save_due or stop_requested:
+        guide_due = global_step == args.guide_step
+        if log_this_step or save_due or stop_requested or guide_due:
             divergence.raise_if_diverged(args.output_dir)  # nothing is logged or saved from a diverged run
+        if guide_due:  # before this step's checkpoint: a run resumed from it (or a later one) finds its guide
+            save_guide(training)
         if log_this_step:
             logs = {**window.close(global_step), "lr": training.lr_scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm.item(), "epoch": global_step / steps.steps_per_epoch}  # fmt: skip
@@ -609,10 +615,9 @@ def train_loop(training: Training, first_step: int) -> tuple[int, "LoggingWindow
             )  # fmt: skip
         if stop_requested:
             raise stop_signals.stopped_error(global_step, steps.max_train_steps, checkpoint)
-        if global_step == args.guide_step:
-            save_guide(training)
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < steps.max_train_steps:
-            log_validation(accelerator, training.pipeline(), args, global_step, training.evaluation)  # every process
+            log_validation(accelerator, training.pipeline(global_step), args, global_step,
+                           training.evaluation)  # fmt: skip
     progress_bar.close()
     return global_step, window, divergence
 

@@ -12,7 +12,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from pipeline import ClassConditionedDDIMPipeline, ClassConditionedUNet, config
-from pipeline.checkpointing import pipeline_at_checkpoint
+from pipeline.checkpointing import pipeline_at_checkpoint, save_pipeline
 from tests.conftest import TINY_TRAIN_FLAGS, TINY_UNET_CONFIG, exit_code_and_stderr, train_here
 
 # `tiny_pipe`'s latents (labels 3 and 7, two each, 4 DDIM steps, seed 0) as the pipeline drew them at 33e8b99, before
@@ -141,3 +141,45 @@ def test_the_guide_step_comes_before_the_last_step(tmp_path, capsys):
     argv = ["--output_dir", str(tmp_path / "run"), *GUIDED_RUN, "--guide_step", "4"]
     code, stderr = exit_code_and_stderr(config.parse_args, argv, capsys)
     assert code == 2 and "--guide_step 4 must come before the last step (4)" in stderr
+
+
+def test_a_run_resumed_at_its_guide_step_keeps_the_guide_it_saved(guided_run, tmp_path):
+    # The guide is written before the checkpoint of its step, so a run stopped right there resumes with it.
+    output_dir = Path(shutil.copytree(guided_run, tmp_path / "run"))
+    shutil.rmtree(output_dir / "checkpoints" / "checkpoint-4")
+    (output_dir / "model_index.json").unlink()
+    train_here(["--output_dir", str(output_dir), *GUIDED_RUN, "--resume_from_checkpoint", "latest"])
+    resumed, first = (ClassConditionedDDIMPipeline.from_pretrained(run).guide_unet.state_dict()
+                      for run in (output_dir, guided_run))  # fmt: skip
+    assert all(torch.equal(resumed[name], tensor) for name, tensor in first.items())
+
+
+def test_a_guide_left_by_an_earlier_run_is_never_used_before_the_guide_step(guided_run, tmp_path):
+    # An earlier run of the folder, killed before it saved anything but its guide (of other classes here).
+    output_dir = Path(shutil.copytree(guided_run, tmp_path / "run"))
+    for name in ("checkpoint-2", "checkpoint-4", "guide"):
+        shutil.rmtree(output_dir / "checkpoints" / name)
+    for name in ("model_index.json", "unet", "guide_unet", "scheduler"):
+        (shutil.rmtree if (output_dir / name).is_dir() else Path.unlink)(output_dir / name)
+    ClassConditionedUNet(**{**TINY_UNET_CONFIG, "num_classes": 3}).save_pretrained(output_dir / "checkpoints" / "guide")
+    train_here(["--output_dir", str(output_dir), *GUIDED_RUN, "--validation_steps", "1"])  # validates at steps 1-3
+    guide = ClassConditionedDDIMPipeline.from_pretrained(output_dir).guide_unet.state_dict()
+    expected = ClassConditionedDDIMPipeline.from_pretrained(guided_run).guide_unet.state_dict()
+    assert all(torch.equal(guide[name], tensor) for name, tensor in expected.items())
+
+
+def test_saving_a_pipeline_without_a_guide_removes_an_earlier_one(guided_pipe, tiny_pipe, tmp_path):
+    save_pipeline(guided_pipe, str(tmp_path))
+    assert (tmp_path / "guide_unet").is_dir()
+    save_pipeline(tiny_pipe, str(tmp_path))  # e.g. --overwrite_output_dir over a guided run
+    assert not (tmp_path / "guide_unet").exists()
+    assert ClassConditionedDDIMPipeline.from_pretrained(tmp_path).guide_unet is None
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--default_guidance_scale", "1"], "at 1 or less the guide is never used"),
+])  # fmt: skip
+def test_guide_step_flag_errors(tmp_path, capsys, flags, message):
+    argv = ["--output_dir", str(tmp_path / "run"), *GUIDED_RUN, *flags]
+    code, stderr = exit_code_and_stderr(config.parse_args, argv, capsys)
+    assert code == 2 and message in stderr, stderr

@@ -186,6 +186,7 @@ def test_the_student_never_overwrites_its_teacher(teacher_dir, capsys, monkeypat
 
 @pytest.mark.parametrize("flags, message", [
     (["--preset", "quick"], "--preset names training recipes"),
+    (["--guide_step", "2"], "a distilled student has none"),
     (["--default_scheduler", "ddim"], "samples with --default_scheduler lcm only"),
     (["--num_ddim_timesteps", "30"], "must divide the teacher's 1000 training timesteps"),
 ])  # fmt: skip

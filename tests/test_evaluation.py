@@ -91,6 +91,10 @@ def test_the_reference_features_are_computed_once_and_read_back_exactly(classifi
     add_reference_features(FrechetInceptionDistance(feature=classifier), classifier, reference.subset(499),
                            str(tmp_path))  # fmt: skip
     assert len(list(tmp_path.glob("fid-reference-*.safetensors"))) == 2
+    # A cache that cannot be written (here a file where the folder should be) costs the time only.
+    (tmp_path / "not_a_folder").write_text("")
+    add_reference_features(FrechetInceptionDistance(feature=classifier), classifier, reference.subset(498),
+                           str(tmp_path / "not_a_folder"))  # fmt: skip
 
 
 def test_real_digits_score_near_the_floor_and_noise_far_from_it(classifier_cache):
