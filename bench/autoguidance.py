@@ -60,9 +60,11 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     settings = [("cfg", None, scale) for scale in ([] if args.no_cfg else args.scales)]
     settings += [("autoguidance", step, scale) for step in args.guide_steps for scale in args.scales]
+    # One pipeline per guide, built once (loading a checkpoint's weights), shared by its scales.
+    samplers = {None: pipe, **{step: with_guide(pipe, args.model, step) for step in args.guide_steps}}
     rows = []
     for guidance, step, scale in settings:
-        sampler = pipe if step is None else with_guide(pipe, args.model, step)
+        sampler = samplers[step]
         started = time.perf_counter()
         results = evaluate(sampler, args.dataset, reference=args.reference, seeds=tuple(args.seeds),
                            num_images_per_label=args.num_images_per_label, guidance_scale=scale,
