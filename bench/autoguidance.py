@@ -2,9 +2,11 @@
 
     python bench/autoguidance.py --model output/mnist-quick --guide_steps 250 500 1000 --scales 1.5 2 3
     python bench/autoguidance.py --model output/mnist-quick --guide_steps 500 --scales 2 --reference test --seeds 0 1 2
+    python bench/autoguidance.py --model output/bench/cpu-hour --guide_models output/bench/small-guide --scales 2 3
 
-The run must have kept checkpoints (`--checkpointing_steps`): the guide is the run's own model at an earlier step (its
-EMA weights when the run kept one), the weak version of itself that Karras et al. 2024 guide with. Every setting
+A guide is the weak version of the model that Karras et al. 2024 guide with: the run's own model at an earlier step
+(--guide_steps: the run must have kept checkpoints, and its EMA weights are used when it kept one), or the network of
+another pipeline folder, e.g. a smaller one trained for a few minutes on the same data (--guide_models). Every setting
 samples with the run's saved sampler and steps: CFG calls the UNet on a doubled batch per step, autoguidance calls
 the UNet and the guide once each, so both cost two network evaluations per image per step. Each setting is scored by
 the evaluator (conditional accuracy, FID with its real-data floor, over the seeds) against --reference: choose on
@@ -19,21 +21,26 @@ from pathlib import Path
 
 from provenance import append_row, run_record
 
-from pipeline import ClassConditionedDDIMPipeline
+from pipeline import ClassConditionedDDIMPipeline, ClassConditionedUNet
 from pipeline.checkpointing import list_checkpoints, pipeline_at_checkpoint
 from pipeline.config import DEFAULT_DATASET
 from pipeline.evaluate import REFERENCES, evaluate
+from pipeline.loading import load_pipeline
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "bench" / "results" / "autoguidance.jsonl"
 
 
-def with_guide(pipe: ClassConditionedDDIMPipeline, model_dir: str, step: int) -> ClassConditionedDDIMPipeline:
-    """`pipe` with the run's model at checkpoint `step` as its guide network."""
+def checkpoint_guide(model_dir: str, step: int) -> ClassConditionedUNet:
+    """The run's model at checkpoint `step`."""
     checkpoint = os.path.join(model_dir, "checkpoints", f"checkpoint-{step}")
     if checkpoint not in list_checkpoints(model_dir):
         raise SystemExit(f"error: {model_dir} has no {checkpoint}; it has {list_checkpoints(model_dir)}")
-    guide = pipeline_at_checkpoint(model_dir, checkpoint).unet
+    return pipeline_at_checkpoint(model_dir, checkpoint).unet
+
+
+def with_guide(pipe: ClassConditionedDDIMPipeline, guide: ClassConditionedUNet) -> ClassConditionedDDIMPipeline:
+    """`pipe` with `guide` as its guide network."""
     guided = ClassConditionedDDIMPipeline(unet=pipe.unet, scheduler=pipe.scheduler, guide_unet=guide,
                                           **{key: pipe.config[key] for key in pipe.config
                                              if key.startswith("default_") and key != "default_guidance"})  # fmt: skip
@@ -44,7 +51,8 @@ def with_guide(pipe: ClassConditionedDDIMPipeline, model_dir: str, step: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="A trained pipeline folder that kept its checkpoints.")
-    parser.add_argument("--guide_steps", type=int, nargs="+", required=True, help="Checkpoint steps to guide with.")
+    parser.add_argument("--guide_steps", type=int, nargs="+", default=[], help="Checkpoint steps to guide with.")
+    parser.add_argument("--guide_models", nargs="+", default=[], help="Pipeline folders whose network guides.")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.5, 2.0, 3.0], help="Guidance scales to try.")
     parser.add_argument("--no_cfg", action="store_true", help="Skip the classifier-free rows at the same scales.")
     parser.add_argument("--dataset", default=DEFAULT_DATASET, help="The run's dataset (default: the bundled MNIST).")
@@ -59,12 +67,17 @@ def main() -> None:
     pipe = ClassConditionedDDIMPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     settings = [("cfg", None, scale) for scale in ([] if args.no_cfg else args.scales)]
-    settings += [("autoguidance", step, scale) for step in args.guide_steps for scale in args.scales]
-    # One pipeline per guide, built once (loading a checkpoint's weights), shared by its scales.
-    samplers = {None: pipe, **{step: with_guide(pipe, args.model, step) for step in args.guide_steps}}
+    guides = [("step", step) for step in args.guide_steps] + [("model", folder) for folder in args.guide_models]
+    settings += [("autoguidance", guide, scale) for guide in guides for scale in args.scales]
+    # One pipeline per guide, built once (loading its weights), shared by its scales.
+    samplers = {None: pipe}
+    for guide in guides:
+        kind, source = guide
+        network = checkpoint_guide(args.model, source) if kind == "step" else load_pipeline(source, device="cpu").unet
+        samplers[guide] = with_guide(pipe, network)
     rows = []
-    for guidance, step, scale in settings:
-        sampler = samplers[step]
+    for guidance, guide, scale in settings:
+        sampler = samplers[guide]
         started = time.perf_counter()
         results = evaluate(sampler, args.dataset, reference=args.reference, seeds=tuple(args.seeds),
                            num_images_per_label=args.num_images_per_label, guidance_scale=scale,
@@ -73,7 +86,8 @@ def main() -> None:
             "name": args.name or os.path.basename(os.path.normpath(args.model)),
             "model": args.model,
             "guidance": guidance,
-            "guide_step": step,
+            "guide_step": guide[1] if guide and guide[0] == "step" else None,
+            "guide_model": guide[1] if guide and guide[0] == "model" else None,
             **sampler.sampling_settings(guidance_scale=scale, guidance=guidance),
             "scheduler": type(sampler.scheduler).__name__,
             "unet_calls_per_image": 2 * sampler.config.default_num_inference_steps,  # both kinds: 2 per step
@@ -85,7 +99,8 @@ def main() -> None:
         append_row(args.results, row)
         rows.append(row)
         floor = row["fid_real_floor"]["mean"]
-        print(f"{guidance:<12} guide {step!s:<6} scale {scale:<4} accuracy {row['cond_accuracy']['mean']:.4f} "
+        guide_name = guide[1] if guide else None
+        print(f"{guidance:<12} guide {guide_name!s:<6} scale {scale:<4} accuracy {row['cond_accuracy']['mean']:.4f} "
               f"FID {row['fid']['mean']:.2f} ({row['fid']['mean'] / floor:.2f}x the floor)", flush=True)  # fmt: skip
     best = max(rows, key=lambda row: row["cond_accuracy"]["mean"] - row["fid"]["mean"] / row["fid_real_floor"]["mean"])
     print(best)
