@@ -4,8 +4,9 @@
     python bench/report.py --check    # exit 1 and print a diff when README.md differs from what the rows render
 
 A block is the text between `<!-- report:NAME -->` and `<!-- /report:NAME -->`; NAME is one of `BLOCKS`, each
-rendered from the latest row of each name in its bench/results/NAME.jsonl, ending with the commit, date and machine of
-those rows. A README without a block's markers is left as it is there. tests/test_report.py runs the check.
+rendered from the latest row of each name in its results file (bench/results/NAME.jsonl unless `BLOCKS` says
+otherwise), ending with the commit, date and machine of those rows. A README without a block's markers is left as it
+is there. tests/test_report.py runs the check.
 """
 
 import argparse
@@ -115,6 +116,29 @@ def quality(rows: list[dict]) -> str:
     return "\n".join([*lines, "", measured_from(rows)])
 
 
+def presets(rows: list[dict]) -> str:
+    """bench/quality.py's reporting rows (test reference, with CAS), one line each: what choosing a model needs."""
+    lines = [
+        "| model | made in | sampler | cond. accuracy | FID / floor | CAS generated / real |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    reported = [row for row in rows if row["evaluations"][0]["reference"] == "test" and "cas" in row["evaluations"][0]]
+    for row in reported:
+        evaluation = row["evaluations"][0]  # the one bench/quality.py computes the CAS for
+        scheduler = SCHEDULER_NAMES.get(evaluation["scheduler"], evaluation["scheduler"].removesuffix("Scheduler"))
+        cas = evaluation["cas"]
+        cells = [
+            f"`{row['name']}`",
+            training_time(row),
+            f"{scheduler} {evaluation['num_inference_steps']} steps, {guidance(evaluation['guidance_scale'])}",
+            plus_minus(evaluation["cond_accuracy"], 100, " %"),
+            f"{evaluation['fid']['mean'] / evaluation['fid_real_floor']['mean']:.1f}×",
+            f"{cas['generated'] * 100:.1f} % / {cas['real'] * 100:.1f} %",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join([*lines, "", measured_from(reported)])
+
+
 def train_throughput(rows: list[dict]) -> str:
     """bench/train_throughput.py: seed loop against ours per batch size, then the data loader."""
     lines = [
@@ -166,8 +190,9 @@ def sampling(rows: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
-# Block name -> (renderer, the command that writes its first row).
-BLOCKS: dict[str, tuple[Callable[[list[dict]], str], str]] = {
+# Block name -> (renderer, the command that writes its first row, its results file when not NAME.jsonl).
+BLOCKS: dict[str, tuple[Callable[[list[dict]], str], str] | tuple[Callable[[list[dict]], str], str, str]] = {
+    "presets": (presets, "python bench/quality.py --name quick --cas 100 -- --preset quick", "quality"),
     "quality": (quality, "python bench/quality.py --name quick -- --preset quick"),
     "train_throughput": (train_throughput, "python bench/train_throughput.py"),
     "sampling": (sampling, "python bench/sampling.py --model output/mnist-quick"),
@@ -176,8 +201,8 @@ BLOCKS: dict[str, tuple[Callable[[list[dict]], str], str]] = {
 
 def render_block(name: str, results: Path = RESULTS) -> str:
     """A block's text: its table(s) from the latest row of each name, or how to measure the first row."""
-    renderer, command = BLOCKS[name]
-    rows = latest_by_name(read_rows(results / f"{name}.jsonl"))
+    renderer, command, *source = BLOCKS[name]
+    rows = latest_by_name(read_rows(results / f"{source[0] if source else name}.jsonl"))
     return renderer(rows) if rows else f"_No measured rows yet: run `{command}`._"
 
 

@@ -86,6 +86,18 @@ def test_quality_row_renders_mean_and_spread(tmp_path):
     assert "guidance 2 on steps 0.2–1 |" in report.render_block("quality", tmp_path / "results")
 
 
+def test_the_presets_table_has_one_line_per_reported_model(tmp_path):
+    tuning = {**QUALITY_ROW, "name": "quick-tuning", "evaluations": [{**QUALITY_ROW["evaluations"][0],
+                                                                       "reference": "validation"}]}  # fmt: skip
+    for row in (QUALITY_ROW, tuning):
+        append_row(tmp_path / "quality.jsonl", row)
+    table = report.render_block("presets", tmp_path)  # read from quality.jsonl: no presets.jsonl exists
+    lines = [line for line in table.splitlines() if line.startswith("| `")]
+    assert lines == ["| `quick` | 8.5 min (1,500 steps × 64 images) | DPM-Solver++ 20 steps, guidance 2 | 96.4 ± 0.4 % "
+                     "| 4.9× | 95.0 % / 97.0 % |"]  # fmt: skip
+    assert "quick-tuning" not in table  # a tuning row (validation reference) is not a reported figure
+
+
 def test_blocks_are_replaced_skipped_or_say_no_rows(tmp_path):
     append_row(tmp_path / "quality.jsonl", QUALITY_ROW)
     readme = ("intro\n<!-- report:quality -->\nold table\n<!-- /report:quality -->\n"
