@@ -14,13 +14,14 @@ from diffusers import DiffusionPipeline
 
 from .errors import one_line_errors
 from .grid import labelled_grid
-from .loading import load_pipeline
+from .loading import load_pipeline, shipped_model
 from .schedulers import SCHEDULERS, set_scheduler
 
 USAGE = """A web demo of a trained pipeline: pick digits, watch them being denoised, download the grid as a PNG.
 
     pip install -e ".[demo]"
-    python app.py --model output/mnist-quick                 # then open http://127.0.0.1:7860
+    python app.py                                            # the model shipped in models/mnist; open http://127.0.0.1:7860
+    python app.py --model output/mnist-quick                 # your own trained folder
     MODEL=you/mnist-diffusion python app.py                  # the model from an env var, as a Hugging Face Space has it
     python app.py --model output/mnist-quick --host 0.0.0.0 --port 8080   # reachable from other machines
 
@@ -45,8 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--model",
-        default=os.environ.get("MODEL"),
-        help="A folder written by train_conditional.py, or a Hub model id (default: the MODEL environment variable).",
+        default=os.environ.get("MODEL") or shipped_model(),
+        help="A folder written by train_conditional.py, or a Hub model id (default: the MODEL environment variable, "
+        "else the model shipped in models/mnist).",
     )
     parser.add_argument(
         "--host",
@@ -59,7 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu, cuda, mps... (default: cuda when available).")
     args = parser.parse_args(argv)
     if not args.model:
-        parser.error("pass --model DIR_OR_HUB_ID or set the MODEL environment variable")
+        parser.error(
+            "pass --model DIR_OR_HUB_ID or set the MODEL environment variable (this installation has no shipped model: "
+            "models/mnist is missing)"
+        )
     return args
 
 
@@ -108,8 +113,9 @@ def build_demo(pipe: DiffusionPipeline, model: str) -> gr.Blocks:
     labels = pipe.labels
     saved_scheduler = pipe.scheduler
     default_scheduler = next((name for name, cls in SCHEDULERS.items() if isinstance(saved_scheduler, cls)), "ddim")
-    guided = bool(pipe.unet.config.class_dropout_prob)
     saved = pipe.sampling_settings()  # the steps and guidance `pipe(class_labels)` would use
+    # guidance needs the unconditional prediction (class dropout in training) or a guide network (autoguidance)
+    guided = saved["guidance"] == "autoguidance" or bool(pipe.unet.config.class_dropout_prob)
     # the first input: a year for digits; for other classes (Fashion-MNIST, CIFAR-10), the first two names
     example = "2026" if {"0", "2", "6"} <= set(labels) else ", ".join(list(labels)[:2])
     output_dir = tempfile.mkdtemp(prefix="digits-demo-")
@@ -203,7 +209,9 @@ def build_demo(pipe: DiffusionPipeline, model: str) -> gr.Blocks:
                     MAX_GUIDANCE,
                     value=saved["guidance_scale"],
                     step=0.5,
-                    label="Guidance scale (1 = off)" + ("" if guided else "; this model was trained without guidance"),
+                    label="Guidance scale (1 = off"
+                    + ("; away from the guide network)" if saved["guidance"] == "autoguidance" else ")")
+                    + ("" if guided else "; this model was trained without guidance"),
                 )
                 scheduler = gr.Dropdown(list(SCHEDULERS), value=default_scheduler, label="Scheduler")
                 seed = gr.Number(0, label="Seed (same seed, same images)", precision=0, elem_id="seed")

@@ -137,6 +137,7 @@ def log_validation(
             images_per_label=args.validation_images_per_label,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
+            guidance=settings["guidance"],  # classifier-free or autoguidance (a run with --guide_step)
             scheduler=type(pipe.scheduler).__name__,
             # where and how they were drawn: each process's share, on the accelerator's device
             device=accelerator.device.type,

@@ -130,7 +130,7 @@ def test_two_processes_train_and_validate_like_one(single_process_run, classifie
     # process scored them all; the one process drew them alone. Same noise per image, so the same grid and metrics.
     one_metrics, two_metrics = summary(single_process_run)["final_metrics"], run["final_metrics"]
     assert (one_metrics["images_per_process"], two_metrics["images_per_process"]) == (50, 25)
-    assert two_metrics["device"] == "cpu" and two_metrics["precision"] == "no"
+    assert two_metrics["device"] == "cpu" and two_metrics["precision"] == "no" and two_metrics["guidance"] == "cfg"
     assert two_metrics["cond_accuracy"] == one_metrics["cond_accuracy"]
     assert two_metrics["fid"] == pytest.approx(one_metrics["fid"], rel=1e-3)
     grids = [np.asarray(Image.open(folder / "samples.png"), dtype=int) for folder in (single_process_run, tmp_path)]
