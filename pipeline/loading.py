@@ -11,6 +11,14 @@ from .errors import UsageError
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
 
 PICKLE_EXTENSIONS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# The model shipped in the repository (written by bench/ship_model.py): what sample.py and app.py draw with when no
+# model is named, so that a fresh clone samples before training anything.
+SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "mnist")
+
+
+def shipped_model() -> str | None:
+    """The shipped model's folder, or None where this package was installed without the repository around it."""
+    return SHIPPED_MODEL if os.path.isdir(SHIPPED_MODEL) else None
 
 
 def load_pipeline(

@@ -7,10 +7,12 @@ import os
 from collections.abc import Callable
 
 from .errors import UsageError, one_line_errors
+from .loading import shipped_model
 from .schedulers import SCHEDULERS, add_guidance_flag, add_guidance_interval_flag
 
 USAGE = """Sample from a trained `ClassConditionedDDIMPipeline` into a PNG grid, one labelled row per requested class.
 
+    python sample.py --output grid.png                        # the model shipped in models/mnist, no training needed
     python sample.py --model output/mnist-quick --output grid.png                    # every class, 8 images each
     python sample.py --model output/mnist-quick --class_labels 3 7 --num_images_per_label 16 --seed 1 --output 37.png
     python sample.py --model output/mnist-quick --scheduler dpm++ --num_inference_steps 10 --guidance_scale 2
@@ -27,7 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=USAGE.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=USAGE
     )
-    parser.add_argument("--model", required=True, help="A folder written by train_conditional.py, or a Hub model id.")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="A folder written by train_conditional.py, or a Hub model id (default: the model shipped in "
+        "models/mnist).",
+    )
     parser.add_argument(
         "--class_labels",
         nargs="+",
@@ -67,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "version differs. Off by default: only pass it for folders you trust.",
     )
     args = parser.parse_args(argv)
+    args.model = args.model or shipped_model()
+    if args.model is None:
+        parser.error("pass --model DIR_OR_HUB_ID (this installation has no shipped model: models/mnist is missing)")
     if args.num_images_per_label < 1:
         parser.error(f"--num_images_per_label must be at least 1, got {args.num_images_per_label}")
     if args.num_inference_steps is not None and args.num_inference_steps < 1:

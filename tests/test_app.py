@@ -24,6 +24,7 @@ sync_api = pytest.importorskip(
 )
 
 from pipeline import demo as app  # noqa: E402 (needs gradio, checked just above)
+from pipeline import loading  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_browser = pytest.mark.skipif(
@@ -177,6 +178,8 @@ def test_model_comes_from_the_flag_or_the_environment(monkeypatch, capsys):
     assert app.parse_args([]).model == "you/mnist-diffusion"
     assert app.parse_args(["--model", "output/run"]).model == "output/run"
     monkeypatch.delenv("MODEL")
+    assert app.parse_args([]).model == loading.SHIPPED_MODEL  # a fresh clone draws before training anything
+    monkeypatch.setattr(loading, "SHIPPED_MODEL", "/nonexistent/models/mnist")  # installed without the repository
     with pytest.raises(SystemExit):
         app.parse_args([])
     assert "set the MODEL environment variable" in capsys.readouterr().err
