@@ -43,7 +43,7 @@ RECIPE_FLAGS = (
     "prediction_type", "beta_schedule", "num_train_timesteps", "snr_gamma", "class_dropout_prob",
     "learning_rate", "lr_scheduler", "lr_warmup_steps", "max_grad_norm",
     "use_ema", "ema_max_decay", "ema_inv_gamma", "ema_power",
-    "teacher", "teacher_guidance_scale", "num_ddim_timesteps", "huber_c", "guide_step",
+    "teacher", "teacher_guidance", "teacher_guidance_scale", "num_ddim_timesteps", "huber_c", "guide_step",
 )  # fmt: skip
 ARCHITECTURE_FLAGS = ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
                       "attention_head_dim", "class_emb_size", "norm_num_groups", "time_class_embedding")  # fmt: skip

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .data import add_column_flags
 from .errors import UsageError
+from .pipeline_class_conditioned_ddim import GUIDANCE_KINDS
 from .presets import PRESETS, resolve_batch_size
 from .schedulers import SCHEDULERS, add_guidance_interval_flag
 
@@ -527,6 +528,13 @@ def parse_distill_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="The guidance scale distilled into the student (default: the teacher's saved default_guidance_scale).",
     )
     distillation.add_argument(
+        "--teacher_guidance",
+        choices=GUIDANCE_KINDS,
+        default=None,
+        help="The kind of guidance distilled in: cfg (away from the teacher's unconditional prediction) or "
+        "autoguidance (away from its guide network, guide_unet/); default: the teacher's saved default_guidance.",
+    )
+    distillation.add_argument(
         "--num_ddim_timesteps",
         type=positive_int,
         default=50,
@@ -577,14 +585,18 @@ def adopt_teacher_settings(parser: argparse.ArgumentParser, args: argparse.Names
     args.num_train_timesteps = scheduler_config["num_train_timesteps"]
     args.beta_schedule = scheduler_config["beta_schedule"]
     args.prediction_type = scheduler_config["prediction_type"]
+    index = configs["model_index.json"]
+    if args.teacher_guidance is None:  # folders saved before autoguidance existed guide classifier-free
+        args.teacher_guidance = index.get("default_guidance", "cfg")
     if args.teacher_guidance_scale is None:
-        if configs["model_index.json"].get("default_guidance") == "autoguidance":
+        args.teacher_guidance_scale = index.get("default_guidance_scale") or 1.0
+    if args.teacher_guidance == "autoguidance":
+        if not (index.get("guide_unet") or [None])[0]:
             parser.error(
-                f"--teacher {args.teacher!r} samples with autoguidance, which distillation does not reproduce yet; "
-                "pass --teacher_guidance_scale to distil its classifier-free guidance instead"
+                f"--teacher_guidance autoguidance needs a teacher with a guide network (guide_unet/, e.g. from "
+                f"--guide_step); {args.teacher!r} has none, so pass --teacher_guidance cfg"
             )
-        args.teacher_guidance_scale = configs["model_index.json"].get("default_guidance_scale") or 1.0
-    if args.teacher_guidance_scale > 1.0 and not unet_config.get("class_dropout_prob"):
+    elif args.teacher_guidance_scale > 1.0 and not unet_config.get("class_dropout_prob"):
         parser.error(
             f"--teacher_guidance_scale {args.teacher_guidance_scale} needs a teacher trained with class dropout; "
             f"{args.teacher!r} was not, so distil it unguided (--teacher_guidance_scale 1)"

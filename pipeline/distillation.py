@@ -3,14 +3,15 @@
 Latent consistency distillation (Luo et al. 2023, https://huggingface.co/papers/2310.04378; consistency models, Song
 et al. 2023) as diffusers' `examples/consistency_distillation/train_lcm_distill_sd_wds.py` does it, without the
 latent space: the student learns to map any point of the teacher's guided DDIM trajectory straight to the
-trajectory's end, so that diffusers' `LCMScheduler` samples it in 1 to 4 network evaluations, unguided. The guidance
-scale is the teacher's saved default, fixed (the student has no guidance input), so the student's unguided output is
-the teacher's guided one.
+trajectory's end, so that diffusers' `LCMScheduler` samples it in 1 to 4 network evaluations, unguided. The kind of
+guidance and its scale are the teacher's saved defaults, fixed (the student has no guidance input), so the student's
+unguided output is the teacher's guided one: classifier-free (away from the teacher's unconditional prediction) or
+autoguidance (away from the prediction of the teacher folder's guide network, Karras et al. 2024).
 
 One loss evaluation, for a batch of clean images x0 and a DDIM grid of N steps of k = T / N training timesteps:
 1. pick a grid timestep t_n and noise x0 to it;
 2. the student's consistency output f(x_tn, t_n) = c_skip(t_n) x_tn + c_out(t_n) x0_student(x_tn, t_n);
-3. one guided DDIM step of the teacher from t_n to t_n - k gives x_(tn-k);
+3. one guided DDIM step of the teacher from t_n to t_n - k gives x_(tn-k) (2 network evaluations per image);
 4. the target network (an EMA of the student) gives f(x_(tn-k), t_n - k), the target;
 5. pseudo-Huber distance between the two (diffusers' default `huber_c` 0.001).
 """
@@ -56,6 +57,7 @@ class ConsistencyDistillation:
         guidance_scale: float,
         num_ddim_timesteps: int = 50,
         huber_c: float = 0.001,
+        guide: ClassConditionedUNet | None = None,
     ):
         num_train_timesteps = noise_scheduler.config.num_train_timesteps
         if num_train_timesteps % num_ddim_timesteps:
@@ -63,6 +65,7 @@ class ConsistencyDistillation:
                 f"num_ddim_timesteps {num_ddim_timesteps} must divide the {num_train_timesteps} training timesteps."
             )
         self.teacher = teacher.eval().requires_grad_(False)
+        self.guide = guide.eval().requires_grad_(False) if guide is not None else None  # None: classifier-free
         self.prediction_type = noise_scheduler.config.prediction_type
         self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(next(teacher.parameters()).device)
         self.skip = num_train_timesteps // num_ddim_timesteps  # k: training timesteps per DDIM step
@@ -93,14 +96,20 @@ class ConsistencyDistillation:
     def teacher_step(
         self, noisy: torch.Tensor, start: torch.Tensor, end: torch.Tensor, class_labels: torch.Tensor
     ) -> torch.Tensor:
-        """One guided DDIM step of the teacher from `start` to `end` (both guidance halves in one batch)."""
-        null_labels = torch.full_like(class_labels, self.teacher.null_class_id)
+        """One guided DDIM step of the teacher from `start` to `end`: classifier-free (both halves in one batch), or
+        autoguided (the teacher and its guide, one call each)."""
         noisy_twice, start_twice = torch.cat([noisy, noisy]), torch.cat([start, start])
-        output = self.teacher(noisy_twice, start_twice, torch.cat([class_labels, null_labels])).sample.float()
+        if self.guide is None:
+            null_labels = torch.full_like(class_labels, self.teacher.null_class_id)
+            output = self.teacher(noisy_twice, start_twice, torch.cat([class_labels, null_labels])).sample.float()
+        else:
+            output = torch.cat([self.teacher(noisy, start, class_labels).sample.float(),
+                                self.guide(noisy, start, class_labels).sample.float()])  # fmt: skip
         clean, eps = self.clean_and_noise(output, noisy_twice, start_twice)
-        (clean_cond, clean_uncond), (eps_cond, eps_uncond) = clean.chunk(2), eps.chunk(2)
-        clean = clean_uncond + self.guidance_scale * (clean_cond - clean_uncond)
-        eps = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+        # the teacher's conditional prediction, extrapolated away from the unconditional one or the guide's
+        (clean_cond, clean_away), (eps_cond, eps_away) = clean.chunk(2), eps.chunk(2)
+        clean = clean_away + self.guidance_scale * (clean_cond - clean_away)
+        eps = eps_away + self.guidance_scale * (eps_cond - eps_away)
         alpha_end = self.alphas_cumprod[end][:, None, None, None]
         return alpha_end.sqrt() * clean + (1 - alpha_end).sqrt() * eps
 
@@ -165,10 +174,13 @@ class DistillationObjective:
             return self.distillation(model, self.target_network, clean_images, class_labels, noise, timesteps)
 
 
-def load_teacher(teacher_dir: str, dataset: str, label_names: list[str], device: torch.device) -> ClassConditionedUNet:
-    """The UNet of `--teacher`, frozen, after checking that it knows the dataset's classes."""
+def load_teacher(
+    teacher_dir: str, dataset: str, label_names: list[str], device: torch.device, network: str = "unet"
+) -> ClassConditionedUNet:
+    """A network of `--teacher` (its `unet`, or its `guide_unet`), frozen, after checking that it knows the dataset's
+    classes."""
     check_folder(teacher_dir)
-    teacher = ClassConditionedUNet.from_pretrained(os.path.join(teacher_dir, "unet"), use_safetensors=True)
+    teacher = ClassConditionedUNet.from_pretrained(os.path.join(teacher_dir, network), use_safetensors=True)
     teacher_labels = [teacher.config.id2label[key] for key in sorted(teacher.config.id2label, key=int)]
     if teacher_labels != label_names:
         raise UsageError(
@@ -188,19 +200,23 @@ class Distillation:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.description = f"distillation of {args.teacher}"
-        self.modules: dict[str, torch.nn.Module] = {}  # the teacher, then the target network
+        self.modules: dict[str, torch.nn.Module] = {}  # the teacher (and its guide), then the target network
 
     def start(self, model: ClassConditionedUNet, label_names: list[str], device: torch.device) -> None:
         teacher = load_teacher(self.args.teacher, self.args.dataset, label_names, device)
         model.load_state_dict(teacher.state_dict())
         self.modules["teacher"] = teacher
+        if self.args.teacher_guidance == "autoguidance":
+            args = self.args
+            self.modules["guide"] = load_teacher(args.teacher, args.dataset, label_names, device, "guide_unet")
 
     def objective(
         self, accelerator: Accelerator, model: torch.nn.Module, ema_model: EMAModel,
         noise_scheduler: DDIMScheduler, args: argparse.Namespace,
     ) -> DistillationObjective:  # fmt: skip
         distillation = ConsistencyDistillation(self.modules["teacher"], noise_scheduler, args.teacher_guidance_scale,
-                                               args.num_ddim_timesteps, args.huber_c)  # fmt: skip
+                                               args.num_ddim_timesteps, args.huber_c,
+                                               self.modules.get("guide"))  # fmt: skip
         # The target network is built beside the prepared student, so on its device.
         student = accelerator.unwrap_model(model, keep_torch_compile=False)
         objective = DistillationObjective(distillation, student, ema_model, accelerator.autocast)

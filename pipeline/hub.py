@@ -71,13 +71,14 @@ Dataset: {dataset}. {training_line}
 {metrics_text}
 """
 
+GUIDANCE_NAMES = {"cfg": "classifier-free guidance", "autoguidance": "autoguidance (away from its guide network)"}
 CONFIG_KEYS = [
     "image_column", "label_column", "resolution", "global_batch_size",
     "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps",
     "num_epochs", "max_train_steps", "use_ema", "class_dropout_prob", "num_train_timesteps", "beta_schedule",
     "prediction_type", "snr_gamma", "block_out_channels", "layers_per_block", "down_block_types", "class_emb_size",
     "time_class_embedding", "mixed_precision", "seed", "default_scheduler", "default_num_inference_steps",
-    "default_guidance_scale", "default_guidance_interval", "guide_step", "teacher_guidance_scale",
+    "default_guidance_scale", "default_guidance_interval", "guide_step", "teacher_guidance", "teacher_guidance_scale",
     "num_ddim_timesteps", "huber_c",
 ]  # fmt: skip
 
@@ -122,8 +123,9 @@ def write_model_card(output_dir: str, config: dict, summary: dict, id2label: dic
         training_line += (
             f" Distilled from the pipeline `{os.path.basename(os.path.normpath(config['teacher']))}` by consistency "
             f"distillation ([Luo et al. 2023](https://huggingface.co/papers/2310.04378)) on its "
-            f"{config['num_ddim_timesteps']}-step DDIM grid, with its guidance scale "
-            f"{config['teacher_guidance_scale']} built in: sample it unguided, with `LCMScheduler`, in 1 to 4 steps."
+            f"{config['num_ddim_timesteps']}-step DDIM grid, with its "
+            f"{GUIDANCE_NAMES[config.get('teacher_guidance', 'cfg')]} at scale {config['teacher_guidance_scale']} "
+            "built in: sample it unguided, with `LCMScheduler`, in 1 to 4 steps."
         )
     content = CARD_TEMPLATE.format(
         metadata=metadata.to_yaml(),

@@ -13,6 +13,7 @@ from diffusers import DDIMScheduler
 
 from pipeline import ClassConditionedDDIMPipeline, ClassConditionedUNet, config
 from pipeline.checkpointing import pipeline_at_checkpoint, save_pipeline
+from pipeline.distillation import ConsistencyDistillation
 from tests.conftest import TINY_TRAIN_FLAGS, TINY_UNET_CONFIG, exit_code_and_stderr, train_here
 
 # `tiny_pipe`'s latents (labels 3 and 7, two each, 4 DDIM steps, seed 0) as the pipeline drew them at 33e8b99, before
@@ -174,6 +175,32 @@ def test_saving_a_pipeline_without_a_guide_removes_an_earlier_one(guided_pipe, t
     save_pipeline(tiny_pipe, str(tmp_path))  # e.g. --overwrite_output_dir over a guided run
     assert not (tmp_path / "guide_unet").exists()
     assert ClassConditionedDDIMPipeline.from_pretrained(tmp_path).guide_unet is None
+
+
+def test_an_autoguided_teacher_step_moves_away_from_the_guide(tiny_unet):
+    torch.manual_seed(1)
+    guide = ClassConditionedUNet(**TINY_UNET_CONFIG)
+    scheduler = DDIMScheduler(prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False)
+    distillation = ConsistencyDistillation(tiny_unet, scheduler, guidance_scale=2.0, guide=guide)
+    scheduler.set_timesteps(50)  # DDIM's step goes back 1000 // 50 = 20 timesteps, like the distillation grid
+    noisy, labels, starts = torch.randn(2, 1, 28, 28), torch.tensor([3, 7]), torch.full((2,), 499)
+    with torch.no_grad():
+        away = guide(noisy, starts, labels).sample
+        guided = away + 2.0 * (tiny_unet(noisy, starts, labels).sample - away)  # never the unconditional prediction
+    expected = scheduler.step(guided, 499, noisy).prev_sample
+    torch.testing.assert_close(distillation.teacher_step(noisy, starts, starts - 20, labels), expected,
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+def test_an_autoguided_teacher_is_distilled_with_its_guide(guided_run, tmp_path):
+    output_dir = tmp_path / "student"
+    train_here(["--teacher", str(guided_run), "--output_dir", str(output_dir), *TINY_TRAIN_FLAGS, "--train_batch_size",
+                "8", "--max_train_samples", "16", "--max_train_steps", "1"], distill=True)  # fmt: skip
+    card = (output_dir / "README.md").read_text()
+    assert '| `teacher_guidance` | "autoguidance" |' in card and "| `teacher_guidance_scale` | 2.0 |" in card
+    assert "autoguidance (away from its guide network) at scale 2.0 built in" in card
+    student = ClassConditionedDDIMPipeline.from_pretrained(output_dir)
+    assert student.guide_unet is None and student.sampling_settings()["guidance_scale"] == 1.0  # built in
 
 
 @pytest.mark.parametrize("flags, message", [

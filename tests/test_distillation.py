@@ -189,6 +189,7 @@ def test_the_student_never_overwrites_its_teacher(teacher_dir, capsys, monkeypat
     (["--guide_step", "2"], "a distilled student has none"),
     (["--default_scheduler", "ddim"], "samples with --default_scheduler lcm only"),
     (["--num_ddim_timesteps", "30"], "must divide the teacher's 1000 training timesteps"),
+    (["--teacher_guidance", "autoguidance"], "needs a teacher with a guide network"),
 ])  # fmt: skip
 def test_distill_usage_errors_exit_2(teacher_dir, tmp_path, capsys, flags, message):
     argv = distill_flags(teacher_dir, tmp_path / "out", *flags)
