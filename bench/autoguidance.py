@@ -3,6 +3,8 @@
     python bench/autoguidance.py --model output/mnist-quick --guide_steps 250 500 1000 --scales 1.5 2 3
     python bench/autoguidance.py --model output/mnist-quick --guide_steps 500 --scales 2 --reference test --seeds 0 1 2
     python bench/autoguidance.py --model output/bench/cpu-hour --guide_models output/bench/small-guide --scales 2 3
+    python bench/autoguidance.py --model output/bench/cpu-hour --guide_models output/bench/small-guide --scales 2 \
+        --save output/bench/cpu-hour-autoguided    # then bench/quality.py --model_dir ... --skip_training --cas 100
 
 A guide is the weak version of the model that Karras et al. 2024 guide with: the run's own model at an earlier step
 (--guide_steps: the run must have kept checkpoints, and its EMA weights are used when it kept one), or the network of
@@ -61,6 +63,8 @@ def main() -> None:
     parser.add_argument("--num_images_per_label", type=int, default=100, help="Images per class per seed.")
     parser.add_argument("--name", default=None, help="Name of the rows (default: the model folder's name).")
     parser.add_argument("--results", default=str(RESULTS), help="JSON lines file to append the rows to.")
+    parser.add_argument("--save", default=None, metavar="DIR", help="Measure nothing: save the model with the first "
+                        "guide and the first scale as its saved defaults into DIR (for bench/quality.py, e.g. CAS).")
     args = parser.parse_args()
     provenance = run_record()  # taken first: the code that ran is the code at the start
 
@@ -75,6 +79,11 @@ def main() -> None:
         kind, source = guide
         network = checkpoint_guide(args.model, source) if kind == "step" else load_pipeline(source, device="cpu").unet
         samplers[guide] = with_guide(pipe, network)
+    if args.save:
+        guided = samplers[guides[0]]
+        guided.register_to_config(default_guidance="autoguidance", default_guidance_scale=args.scales[0])
+        guided.save_pretrained(args.save)
+        return
     rows = []
     for guidance, guide, scale in settings:
         sampler = samplers[guide]
