@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README = REPO_ROOT / "README.md"
@@ -40,12 +41,18 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def latest_by_name(rows: list[dict]) -> list[dict]:
-    """The last row of each name, in the order the names first appear."""
+def latest_by_name(rows: list[dict], key: Callable[[dict], tuple] = lambda row: (row["name"],)) -> list[dict]:
+    """The last row of each name (or of each `key`), in the order the names first appear."""
     latest = {}
     for row in rows:
-        latest[row["name"]] = row
+        latest[key(row)] = row
     return list(latest.values())
+
+
+def autoguidance_setting(row: dict) -> tuple:
+    """A bench/autoguidance.py row's setting: its sweep, the kind of guidance, the guide, the scale, the reference."""
+    return (row["name"], row["guidance"], row["guide_step"], row.get("guide_model"), row["guidance_scale"],
+            row["reference"], tuple(row["seeds"]))  # fmt: skip
 
 
 def provenance(row: dict) -> str:
@@ -139,6 +146,27 @@ def presets(rows: list[dict]) -> str:
     return "\n".join([*lines, "", measured_from(reported)])
 
 
+def autoguidance(rows: list[dict]) -> str:
+    """bench/autoguidance.py: one line per setting, classifier-free and autoguided, at equal network evaluations."""
+    lines = [
+        "| sweep | guidance | guide | scale | reference | images × seeds | cond. accuracy | FID / floor |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        if row["guidance"] == "cfg":
+            guide = "unconditional prediction"
+        elif row["guide_step"] is not None:
+            guide = f"own checkpoint, step {row['guide_step']}"
+        else:
+            guide = f"`{Path(row['guide_model']).name}`"
+        cells = [f"`{row['name']}`", "CFG" if row["guidance"] == "cfg" else "autoguidance", guide,
+                 f"{row['guidance_scale']:g}", row["reference"], f"{row['num_images']:,} × {len(row['seeds'])}",
+                 plus_minus(row["cond_accuracy"], 100, " %"),
+                 f"{row['fid']['mean'] / row['fid_real_floor']['mean']:.2f}×"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join([*lines, "", measured_from(latest_by_name(rows))])
+
+
 def train_throughput(rows: list[dict]) -> str:
     """bench/train_throughput.py: seed loop against ours per batch size, then the data loader."""
     lines = [
@@ -190,20 +218,28 @@ def sampling(rows: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
-# Block name -> (renderer, the command that writes its first row, its results file when not NAME.jsonl).
-BLOCKS: dict[str, tuple[Callable[[list[dict]], str], str] | tuple[Callable[[list[dict]], str], str, str]] = {
-    "presets": (presets, "python bench/quality.py --name quick --cas 100 -- --preset quick", "quality"),
-    "quality": (quality, "python bench/quality.py --name quick -- --preset quick"),
-    "train_throughput": (train_throughput, "python bench/train_throughput.py"),
-    "sampling": (sampling, "python bench/sampling.py --model output/mnist-quick"),
+class Block(NamedTuple):
+    renderer: Callable[[list[dict]], str]
+    command: str  # what writes its first row
+    source: str | None = None  # its results file's stem, when not the block's name
+    key: Callable[[dict], tuple] = lambda row: (row["name"],)  # rows with the same key: the latest is shown
+
+
+BLOCKS: dict[str, Block] = {
+    "presets": Block(presets, "python bench/quality.py --name quick --cas 100 -- --preset quick", "quality"),
+    "quality": Block(quality, "python bench/quality.py --name quick -- --preset quick"),
+    "autoguidance": Block(autoguidance, "python bench/autoguidance.py --model RUN --guide_steps N",
+                          key=autoguidance_setting),  # fmt: skip
+    "train_throughput": Block(train_throughput, "python bench/train_throughput.py"),
+    "sampling": Block(sampling, "python bench/sampling.py --model output/mnist-quick"),
 }
 
 
 def render_block(name: str, results: Path = RESULTS) -> str:
     """A block's text: its table(s) from the latest row of each name, or how to measure the first row."""
-    renderer, command, *source = BLOCKS[name]
-    rows = latest_by_name(read_rows(results / f"{source[0] if source else name}.jsonl"))
-    return renderer(rows) if rows else f"_No measured rows yet: run `{command}`._"
+    block = BLOCKS[name]
+    rows = latest_by_name(read_rows(results / f"{block.source or name}.jsonl"), block.key)
+    return block.renderer(rows) if rows else f"_No measured rows yet: run `{block.command}`._"
 
 
 def render_readme(text: str, results: Path = RESULTS) -> str:

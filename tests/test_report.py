@@ -98,6 +98,26 @@ def test_the_presets_table_has_one_line_per_reported_model(tmp_path):
     assert "quick-tuning" not in table  # a tuning row (validation reference) is not a reported figure
 
 
+def test_every_autoguidance_setting_of_a_sweep_has_its_line(tmp_path):
+    def row(guidance: str, scale: float, accuracy: float, **guide) -> dict:
+        return {"name": "sweep", "provenance": PROVENANCE, "guidance": guidance, "guide_step": None,
+                "guide_model": None, **guide, "guidance_scale": scale, "reference": "validation", "seeds": [0],
+                "num_images": 1000, "cond_accuracy": {"mean": accuracy, "std": None},
+                "fid": {"mean": 20.0, "std": None}, "fid_real_floor": {"mean": 10.0, "std": None}}  # fmt: skip
+
+    for line in (row("cfg", 2.0, 0.5), row("cfg", 2.0, 0.99), row("cfg", 3.0, 0.995),
+                 row("autoguidance", 2.0, 0.96, guide_model="output/bench/guide-quick-500"),
+                 row("autoguidance", 2.0, 0.93, guide_step=1000)):  # fmt: skip
+        append_row(tmp_path / "autoguidance.jsonl", line)
+    lines = [line for line in report.render_block("autoguidance", tmp_path).splitlines() if line.startswith("| `")]
+    assert lines == [  # one line per setting of the one sweep; a setting measured again shows its latest row
+        "| `sweep` | CFG | unconditional prediction | 2 | validation | 1,000 × 1 | 99.0 % | 2.00× |",
+        "| `sweep` | CFG | unconditional prediction | 3 | validation | 1,000 × 1 | 99.5 % | 2.00× |",
+        "| `sweep` | autoguidance | `guide-quick-500` | 2 | validation | 1,000 × 1 | 96.0 % | 2.00× |",
+        "| `sweep` | autoguidance | own checkpoint, step 1000 | 2 | validation | 1,000 × 1 | 93.0 % | 2.00× |",
+    ]
+
+
 def test_blocks_are_replaced_skipped_or_say_no_rows(tmp_path):
     append_row(tmp_path / "quality.jsonl", QUALITY_ROW)
     readme = ("intro\n<!-- report:quality -->\nold table\n<!-- /report:quality -->\n"
