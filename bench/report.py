@@ -78,6 +78,21 @@ def guidance(scale: float) -> str:
     return "no guidance" if scale == 1 else f"guidance {scale:g}"
 
 
+def sampler_text(evaluation: dict) -> str:
+    """"DPM-Solver++ 20 steps, guidance 2" (with the guidance interval when it is not every step)."""
+    scheduler = SCHEDULER_NAMES.get(evaluation["scheduler"], evaluation["scheduler"].removesuffix("Scheduler"))
+    steps = evaluation["num_inference_steps"]
+    text = f"{scheduler} {steps} step{'s' if steps > 1 else ''}, {guidance(evaluation['guidance_scale'])}"
+    interval = evaluation.get("guidance_interval", [0.0, 1.0])
+    if evaluation["guidance_scale"] > 1 and interval != [0.0, 1.0]:
+        text += f" on steps {interval[0]:g}–{interval[1]:g}"
+    return text
+
+
+def cas_text(cas: dict | None) -> str:
+    return f"{cas['generated'] * 100:.1f} % / {cas['real'] * 100:.1f} %" if cas else "–"
+
+
 def training_time(row: dict) -> str:
     summary = row.get("training_summary") or {}
     if summary.get("total_train_time_s") is None:
@@ -96,28 +111,21 @@ def quality(rows: list[dict]) -> str:
     ]
     for row in rows:
         for index, evaluation in enumerate(row["evaluations"]):
-            scheduler = SCHEDULER_NAMES.get(evaluation["scheduler"], evaluation["scheduler"].removesuffix("Scheduler"))
-            sampler = f"{scheduler} {evaluation['num_inference_steps']} steps, {guidance(evaluation['guidance_scale'])}"
-            interval = evaluation.get("guidance_interval", [0.0, 1.0])
-            if evaluation["guidance_scale"] > 1 and interval != [0.0, 1.0]:
-                sampler += f" on steps {interval[0]:g}–{interval[1]:g}"
             reference = evaluation["reference"]
             if evaluation.get("floor_source"):
                 reference += f" (floor: {evaluation['floor_source']})"
-            cas = evaluation.get("cas")
-            cas = f"{cas['generated'] * 100:.1f} % / {cas['real'] * 100:.1f} %" if cas else "–"
             ratio = evaluation["fid"]["mean"] / evaluation["fid_real_floor"]["mean"]
             cells = [
                 f"`{row['name']}`",
                 training_time(row) if index == 0 else "",
-                sampler,
+                sampler_text(evaluation),
                 reference,
                 f"{evaluation['num_images']:,} × {len(evaluation['seeds'])}",
                 plus_minus(evaluation["cond_accuracy"], 100, " %"),
                 plus_minus(evaluation["fid"]),
                 plus_minus(evaluation["fid_real_floor"]),
                 f"{ratio:.1f}×",
-                cas,
+                cas_text(evaluation.get("cas")),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join([*lines, "", measured_from(rows)])
@@ -132,16 +140,9 @@ def presets(rows: list[dict]) -> str:
     reported = [row for row in rows if row["evaluations"][0]["reference"] == "test" and "cas" in row["evaluations"][0]]
     for row in reported:
         evaluation = row["evaluations"][0]  # the one bench/quality.py computes the CAS for
-        scheduler = SCHEDULER_NAMES.get(evaluation["scheduler"], evaluation["scheduler"].removesuffix("Scheduler"))
-        cas = evaluation["cas"]
-        cells = [
-            f"`{row['name']}`",
-            training_time(row),
-            f"{scheduler} {evaluation['num_inference_steps']} steps, {guidance(evaluation['guidance_scale'])}",
-            plus_minus(evaluation["cond_accuracy"], 100, " %"),
-            f"{evaluation['fid']['mean'] / evaluation['fid_real_floor']['mean']:.1f}×",
-            f"{cas['generated'] * 100:.1f} % / {cas['real'] * 100:.1f} %",
-        ]
+        ratio = evaluation["fid"]["mean"] / evaluation["fid_real_floor"]["mean"]
+        cells = [f"`{row['name']}`", training_time(row), sampler_text(evaluation),
+                 plus_minus(evaluation["cond_accuracy"], 100, " %"), f"{ratio:.1f}×", cas_text(evaluation["cas"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join([*lines, "", measured_from(reported)])
 

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from provenance import run_record
-from report import guidance, plus_minus, provenance, read_rows
+from report import cas_text, plus_minus, provenance, read_rows, sampler_text
 
 from pipeline.loading import load_pipeline
 
@@ -38,15 +38,14 @@ def measured_section(row: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for evaluation in row["evaluations"]:
-        cas, steps = evaluation.get("cas"), evaluation["num_inference_steps"]
         cells = [
-            f"{evaluation['sampler']} {steps} step(s), {guidance(evaluation['guidance_scale'])}",
+            sampler_text(evaluation),
             evaluation["reference"],
             f"{evaluation['num_images']:,} × {len(evaluation['seeds'])}",
             plus_minus(evaluation["cond_accuracy"], 100, " %"),
             plus_minus(evaluation["fid"]),
             plus_minus(evaluation["fid_real_floor"]),
-            f"{cas['generated'] * 100:.1f} % / {cas['real'] * 100:.1f} %" if cas else "–",
+            cas_text(evaluation.get("cas")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join([*lines, "", f"_Measured: {provenance(row)}._", ""])
