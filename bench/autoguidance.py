@@ -70,23 +70,24 @@ def main() -> None:
 
     pipe = ClassConditionedDDIMPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    settings = [("cfg", None, scale) for scale in ([] if args.no_cfg else args.scales)]
-    guides = [("step", step) for step in args.guide_steps] + [("model", folder) for folder in args.guide_models]
-    settings += [("autoguidance", guide, scale) for guide in guides for scale in args.scales]
+    guides = [{"guide_step": step, "guide_model": None} for step in args.guide_steps]
+    guides += [{"guide_step": None, "guide_model": folder} for folder in args.guide_models]
+    if args.save and not guides:
+        parser.error("--save needs a guide: pass --guide_steps or --guide_models")
     # One pipeline per guide, built once (loading its weights), shared by its scales.
-    samplers = {None: pipe}
-    for guide in guides:
-        kind, source = guide
-        network = checkpoint_guide(args.model, source) if kind == "step" else load_pipeline(source, device="cpu").unet
-        samplers[guide] = with_guide(pipe, network)
+    guided = [with_guide(pipe, checkpoint_guide(args.model, guide["guide_step"]) if guide["guide_step"] is not None
+                             else load_pipeline(guide["guide_model"], device="cpu").unet)
+              for guide in (guides[:1] if args.save else guides)]  # fmt: skip
     if args.save:
-        guided = samplers[guides[0]]
-        guided.register_to_config(default_guidance="autoguidance", default_guidance_scale=args.scales[0])
-        guided.save_pretrained(args.save)
+        guided[0].register_to_config(default_guidance="autoguidance", default_guidance_scale=args.scales[0])
+        guided[0].save_pretrained(args.save)
         return
+    unguided = {"guide_step": None, "guide_model": None}
+    settings = [("cfg", unguided, pipe, scale) for scale in ([] if args.no_cfg else args.scales)]
+    settings += [("autoguidance", guide, sampler, scale) for guide, sampler in zip(guides, guided, strict=True)
+                 for scale in args.scales]  # fmt: skip
     rows = []
-    for guidance, guide, scale in settings:
-        sampler = samplers[guide]
+    for guidance, guide, sampler, scale in settings:
         started = time.perf_counter()
         results = evaluate(sampler, args.dataset, reference=args.reference, seeds=tuple(args.seeds),
                            num_images_per_label=args.num_images_per_label, guidance_scale=scale,
@@ -95,8 +96,7 @@ def main() -> None:
             "name": args.name or os.path.basename(os.path.normpath(args.model)),
             "model": args.model,
             "guidance": guidance,
-            "guide_step": guide[1] if guide and guide[0] == "step" else None,
-            "guide_model": guide[1] if guide and guide[0] == "model" else None,
+            **guide,
             **sampler.sampling_settings(guidance_scale=scale, guidance=guidance),
             "scheduler": type(sampler.scheduler).__name__,
             "unet_calls_per_image": 2 * sampler.config.default_num_inference_steps,  # both kinds: 2 per step
@@ -108,7 +108,7 @@ def main() -> None:
         append_row(args.results, row)
         rows.append(row)
         floor = row["fid_real_floor"]["mean"]
-        guide_name = guide[1] if guide else None
+        guide_name = guide["guide_model"] or guide["guide_step"]
         print(f"{guidance:<12} guide {guide_name!s:<6} scale {scale:<4} accuracy {row['cond_accuracy']['mean']:.4f} "
               f"FID {row['fid']['mean']:.2f} ({row['fid']['mean'] / floor:.2f}x the floor)", flush=True)  # fmt: skip
     best = max(rows, key=lambda row: row["cond_accuracy"]["mean"] - row["fid"]["mean"] / row["fid_real_floor"]["mean"])

@@ -62,12 +62,16 @@ def main() -> None:
     if not rows:
         raise SystemExit(f"error: bench/results/quality.jsonl has no row named {args.row!r}; measure the model first")
 
+    missing = [name for name in COPIED if not (Path(args.model) / name).is_file()]
+    if missing:
+        raise SystemExit(f"error: {args.model} lacks {', '.join(missing)}; pass the folder of a finished run")
+    pipe = load_pipeline(args.model, device="cpu")  # before anything is removed: a bad folder costs nothing shipped
     target = REPO_ROOT / args.to
     if target.exists():
         if not (target / "provenance.json").exists():
             raise SystemExit(f"error: {target} exists and was not written by this script; pass another --to")
         shutil.rmtree(target)
-    load_pipeline(args.model, device="cpu").save_pretrained(target)
+    pipe.save_pretrained(target)
     for name in COPIED:
         shutil.copyfile(Path(args.model) / name, target / name)
     card = (target / "README.md").read_text()

@@ -114,8 +114,9 @@ def build_demo(pipe: DiffusionPipeline, model: str) -> gr.Blocks:
     saved_scheduler = pipe.scheduler
     default_scheduler = next((name for name, cls in SCHEDULERS.items() if isinstance(saved_scheduler, cls)), "ddim")
     saved = pipe.sampling_settings()  # the steps and guidance `pipe(class_labels)` would use
+    autoguided = saved["guidance"] == "autoguidance"
     # guidance needs the unconditional prediction (class dropout in training) or a guide network (autoguidance)
-    guided = saved["guidance"] == "autoguidance" or bool(pipe.unet.config.class_dropout_prob)
+    guided = autoguided or bool(pipe.unet.config.class_dropout_prob)
     # the first input: a year for digits; for other classes (Fashion-MNIST, CIFAR-10), the first two names
     example = "2026" if {"0", "2", "6"} <= set(labels) else ", ".join(list(labels)[:2])
     output_dir = tempfile.mkdtemp(prefix="digits-demo-")
@@ -210,7 +211,7 @@ def build_demo(pipe: DiffusionPipeline, model: str) -> gr.Blocks:
                     value=saved["guidance_scale"],
                     step=0.5,
                     label="Guidance scale (1 = off"
-                    + ("; away from the guide network)" if saved["guidance"] == "autoguidance" else ")")
+                    + ("; away from the guide network)" if autoguided else ")")
                     + ("" if guided else "; this model was trained without guidance"),
                 )
                 scheduler = gr.Dropdown(list(SCHEDULERS), value=default_scheduler, label="Scheduler")
