@@ -501,11 +501,13 @@ def check_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> argp
 
 
 # The student's recipe unless flags say otherwise: diffusers' LCM distillation defaults where they carry over (target
-# EMA 0.95, pseudo-Huber c = 0.001, a 50-step DDIM grid), sized for a 2-core CPU.
+# EMA 0.95, pseudo-Huber c = 0.001, a 50-step DDIM grid), sized for a 2-core CPU. The learning rate is 3x diffusers'
+# 1e-4: in the same 1,000 steps the student follows its teacher more closely (validation rows cpu-hour-lcm and
+# cpu-hour-lcm-lr-3e-4: 1 step 99.1 % against 98.8 %, 4 steps 99.6 % against 99.3 %, both nearer the teacher's FID).
 DISTILLATION_DEFAULTS = {
     "global_batch_size": 64,
     "max_train_steps": 1000,
-    "learning_rate": 1e-4,
+    "learning_rate": 3e-4,
     "lr_scheduler": "cosine",
     "lr_warmup_steps": 50,
     "use_ema": True,  # the EMA is the target network, and the saved student

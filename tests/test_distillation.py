@@ -92,7 +92,7 @@ def test_distillation_loss_falls():
 
 
 # The `quick` preset at the tiny size, for 4 steps of 8 images: v-prediction on the cosine schedule with min-SNR
-# weighting, class dropout and saved guidance 2, the class in the timestep embedding, EMA, a cosine LR schedule.
+# weighting, class dropout and saved guidance 1.75, the class in the timestep embedding, EMA, a cosine LR schedule.
 QUICK_LIKE_FLAGS = ["--preset", "quick", *TINY_TRAIN_FLAGS, "--attention_head_dim", "8", "--max_train_steps", "4",
                     "--train_batch_size", "8", "--lr_warmup_steps", "1"]  # fmt: skip
 
