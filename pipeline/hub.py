@@ -101,9 +101,10 @@ def write_model_card(output_dir: str, config: dict, summary: dict, id2label: dic
     config_keys = [key for key in CONFIG_KEYS if key in config and key != overridden]
     metrics = summary.get("final_metrics") or {}
     if metrics:
+        steps = metrics["num_inference_steps"]
         metrics_text = (
-            f"On {metrics['images_per_label']} images per class ({metrics['num_inference_steps']} "
-            f"{metrics['scheduler']} steps, guidance scale {metrics['guidance_scale']}, one sampling seed), judged "
+            f"On {metrics['images_per_label']} images per class ({steps} {metrics['scheduler']} "
+            f"step{'' if steps == 1 else 's'}, guidance scale {metrics['guidance_scale']}, one sampling seed), judged "
             f"by the evaluation classifier against the {metrics.get('reference', 'validation')} reference (real images "
             "held out from the classifier; see the project's README, \"Evaluation\"):\n\n"
             "| conditional accuracy | classifier FID | real-data FID floor |\n| --- | --- | --- |\n"

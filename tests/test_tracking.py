@@ -6,6 +6,7 @@ import os
 import pytest
 from PIL import Image
 
+from pipeline.hub import write_model_card
 from tests.conftest import TINY_TRAIN_FLAGS, accelerate_launch, cli_env
 from tests.tracking_records import wandb_config, wandb_history, wandb_records
 
@@ -124,3 +125,14 @@ def test_wandb_variables_resume_into_the_same_run_and_model_artifact(tmp_path):
     assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
             "pipeline_class_conditioned_ddim.py", "README.md"} <= paths  # fmt: skip
     assert not any(path.startswith(("checkpoints/", "logs/", "wandb/")) for path in paths)
+
+
+def test_the_cards_metrics_sentence_counts_steps(tmp_path):
+    # A 1-step student's card said "1 LCMScheduler steps".
+    metrics = {"images_per_label": 10, "num_inference_steps": 1, "scheduler": "LCMScheduler", "guidance_scale": 1.0,
+               "cond_accuracy": 0.99, "fid": 95.5, "fid_real_floor": 80.0}  # fmt: skip
+    for steps, words in ((1, "(1 LCMScheduler step, guidance"), (4, "(4 LCMScheduler steps, guidance")):
+        summary = {"global_step": 10, "global_batch_size": 8, "num_processes": 1, "device": "cpu", "wall_time_s": 60,
+                   "final_metrics": {**metrics, "num_inference_steps": steps}}  # fmt: skip
+        write_model_card(str(tmp_path), {"dataset": "data/mnist"}, summary, {0: "0", 1: "1"}, "LCMScheduler")
+        assert words in (tmp_path / "README.md").read_text()
