@@ -132,7 +132,8 @@ def main() -> None:
             def distilled(seed: int, steps: int = steps):
                 return generate_for_evaluation(student, num_images_per_label, steps, 1.0, seed=seed)
 
-            rows.append({"setting": f"student {type(student.scheduler).__name__} {steps} steps", "sampler": "student",
+            name = f"student {type(student.scheduler).__name__} {steps} step{'s' * (steps > 1)}"
+            rows.append({"setting": name, "sampler": "student",
                          "num_inference_steps": steps, "unet_calls_per_image": steps, "guidance_scale": 1.0,
                          **measure(distilled, args.seeds, evaluation_set)})  # fmt: skip
     for row in rows:
