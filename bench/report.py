@@ -79,10 +79,13 @@ def guidance(scale: float) -> str:
 
 
 def sampler_text(evaluation: dict) -> str:
-    """"DPM-Solver++ 20 steps, guidance 2" (with the guidance interval when it is not every step)."""
+    """"DPM-Solver++ 20 steps, guidance 2" (autoguidance named, and the guidance interval when it is not every
+    step)."""
     scheduler = SCHEDULER_NAMES.get(evaluation["scheduler"], evaluation["scheduler"].removesuffix("Scheduler"))
     steps = evaluation["num_inference_steps"]
     text = f"{scheduler} {steps} step{'s' if steps > 1 else ''}, {guidance(evaluation['guidance_scale'])}"
+    if evaluation.get("guidance") == "autoguidance" and evaluation["guidance_scale"] > 1:
+        text = text.replace("guidance", "autoguidance", 1)
     interval = evaluation.get("guidance_interval", [0.0, 1.0])
     if evaluation["guidance_scale"] > 1 and interval != [0.0, 1.0]:
         text += f" on steps {interval[0]:g}–{interval[1]:g}"

@@ -163,3 +163,11 @@ def test_sampling_and_throughput_rows_render(tmp_path):
     throughput = report.render_block("train_throughput", tmp_path)
     assert "| `default` | 512 | 4 | 30.3 | 59.0 | 1.95× | 8,843 MB | 3,251 MB |" in throughput
     assert "788,230 img/s = 13,360× our training speed" in throughput
+
+
+def test_an_autoguided_setting_says_so():
+    # the quick-autoguided row read "guidance 1.75" in README's tables, like classifier-free guidance
+    evaluation = {"scheduler": "DPMSolverMultistepScheduler", "num_inference_steps": 20, "guidance_scale": 1.75,
+                  "guidance": "autoguidance"}  # fmt: skip
+    assert report.sampler_text(evaluation) == "DPM-Solver++ 20 steps, autoguidance 1.75"
+    assert report.sampler_text({**evaluation, "guidance": "cfg"}) == "DPM-Solver++ 20 steps, guidance 1.75"
