@@ -74,8 +74,9 @@ def plus_minus(figure: dict, scale: float = 1, unit: str = "") -> str:
     return f"{figure['mean'] * scale:.1f}{spread}{unit}"
 
 
-def guidance(scale: float) -> str:
-    return "no guidance" if scale == 1 else f"guidance {scale:g}"
+def guidance(scale: float, kind: str = "cfg") -> str:
+    """"guidance 2" (classifier-free), "autoguidance 2", or "no guidance" at scale 1."""
+    return "no guidance" if scale == 1 else f"{'autoguidance' if kind == 'autoguidance' else 'guidance'} {scale:g}"
 
 
 def sampler_text(evaluation: dict) -> str:
@@ -83,9 +84,8 @@ def sampler_text(evaluation: dict) -> str:
     step)."""
     scheduler = SCHEDULER_NAMES.get(evaluation["scheduler"], evaluation["scheduler"].removesuffix("Scheduler"))
     steps = evaluation["num_inference_steps"]
-    text = f"{scheduler} {steps} step{'s' if steps > 1 else ''}, {guidance(evaluation['guidance_scale'])}"
-    if evaluation.get("guidance") == "autoguidance" and evaluation["guidance_scale"] > 1:
-        text = text.replace("guidance", "autoguidance", 1)
+    kind = evaluation.get("guidance", "cfg")
+    text = f"{scheduler} {steps} step{'s' if steps > 1 else ''}, {guidance(evaluation['guidance_scale'], kind)}"
     interval = evaluation.get("guidance_interval", [0.0, 1.0])
     if evaluation["guidance_scale"] > 1 and interval != [0.0, 1.0]:
         text += f" on steps {interval[0]:g}–{interval[1]:g}"
