@@ -45,7 +45,8 @@ def main() -> None:
         states = [load_file(os.path.join(path, "model.safetensors")) for path in checkpoints]
         states = [{name.removeprefix("_orig_mod."): tensor for name, tensor in state.items()} for state in states]
     else:
-        states = [pipeline_at_checkpoint(args.model_dir, path).unet.state_dict() for path in checkpoints]
+        states = [pipe.unet.state_dict()]  # the first checkpoint's EMA, loaded above
+        states += [pipeline_at_checkpoint(args.model_dir, path).unet.state_dict() for path in checkpoints[1:]]
     pipe.unet.load_state_dict({name: torch.stack([state[name].float() for state in states]).mean(0)
                                for name in states[0]})  # fmt: skip
     pipe.save_pretrained(args.to)
