@@ -3,6 +3,7 @@
     python bench/quality.py --name quick --eval dpm++:20:2 --cas 100 -- --preset quick
     python bench/quality.py --name quick-guidance --model_dir output/bench/quick --skip_training \
         --reference validation --eval dpm++:20:1.5 dpm++:20:2 dpm++:20:3       # a tuning row: validation reference
+    (add --timestep_spacing trailing to sample every evaluation from pure noise instead of the saved spacing)
 
 Everything after `--` goes to train_conditional.py, or to distill.py with `--script distill.py` (run through
 `accelerate launch` with the given config, into OUTPUT_ROOT/NAME). Each evaluation is
@@ -25,6 +26,7 @@ from provenance import append_row, run_record
 
 from pipeline.evaluate import REFERENCES
 from pipeline.run_folder import locked_folder
+from pipeline.schedulers import TIMESTEP_SPACINGS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,6 +51,8 @@ def evaluate(output_dir: Path, spec: str, args: argparse.Namespace, cas: int | N
         command += ["--guidance_scale", guidance[0]]
     if len(guidance) > 1:
         command += ["--guidance_interval", *guidance[1].split("-")]
+    if args.timestep_spacing:
+        command += ["--timestep_spacing", args.timestep_spacing]
     if cas:
         command += ["--cas", str(cas)]
     started = time.perf_counter()
@@ -69,6 +73,8 @@ def main() -> None:
     )
     parser.add_argument("--eval", nargs="+", default=["ddim:50"], help="sampler:steps[:guidance[:start-stop]].")
     parser.add_argument("--reference", choices=REFERENCES, default="test", help="Evaluation reference.")
+    parser.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None,
+                        help="Every evaluation's timestep spacing (default: the model's saved one).")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Sampling seeds of each evaluation.")
     parser.add_argument("--num_images_per_label", type=int, default=100, help="Images per class and seed.")
     parser.add_argument("--cas", type=int, default=None, metavar="N", help="CAS, N images per class (1st --eval).")

@@ -80,12 +80,15 @@ def guidance(scale: float, kind: str = "cfg") -> str:
 
 
 def sampler_text(evaluation: dict) -> str:
-    """"DPM-Solver++ 20 steps, guidance 2" (autoguidance named, and the guidance interval when it is not every
-    step)."""
+    """"DPM-Solver++ 20 steps, guidance 2" (autoguidance named, "20 trailing steps" where the steps are not spaced
+    "leading", and the guidance interval when it is not every step)."""
     scheduler = SCHEDULER_NAMES.get(evaluation["scheduler"], evaluation["scheduler"].removesuffix("Scheduler"))
     steps = evaluation["num_inference_steps"]
     kind = evaluation.get("guidance", "cfg")
-    text = f"{scheduler} {steps} step{'s' if steps > 1 else ''}, {guidance(evaluation['guidance_scale'], kind)}"
+    # rows from before the key sampled "leading"; None is LCM's own grid
+    spacing = evaluation.get("timestep_spacing", "leading")
+    steps_text = f"{steps}{'' if spacing in ('leading', None) else ' ' + spacing} step{'s' if steps > 1 else ''}"
+    text = f"{scheduler} {steps_text}, {guidance(evaluation['guidance_scale'], kind)}"
     interval = evaluation.get("guidance_interval", [0.0, 1.0])
     if evaluation["guidance_scale"] > 1 and interval != [0.0, 1.0]:
         text += f" on steps {interval[0]:g}–{interval[1]:g}"

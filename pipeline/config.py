@@ -18,7 +18,7 @@ from .data import add_column_flags
 from .errors import UsageError
 from .pipeline_class_conditioned_ddim import GUIDANCE_KINDS
 from .presets import PRESETS, resolve_batch_size
-from .schedulers import SCHEDULERS, add_guidance_interval_flag
+from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS, add_guidance_interval_flag
 
 # The bundled MNIST, beside this package in the repository, whatever the working directory.
 DEFAULT_DATASET = str(Path(__file__).resolve().parent.parent / "data" / "mnist")
@@ -185,6 +185,14 @@ def add_sampling_flags(sampling: argparse._ArgumentGroup) -> None:
     )
     sampling.add_argument(
         "--default_num_inference_steps", type=positive_int, default=50, help="Steps when a call does not say."
+    )
+    sampling.add_argument(
+        "--default_timestep_spacing",
+        default="leading",
+        choices=TIMESTEP_SPACINGS,
+        help="Where the saved sampler's steps lie among the training timesteps: trailing starts at pure noise (for "
+        "v-prediction; an epsilon-predicting model's estimate blows up there), leading a stride earlier (DDIM's "
+        "default).",
     )
     sampling.add_argument(
         "--default_guidance_scale", type=float, default=1.0, help="Guidance scale when a call does not say."

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from accelerate import Accelerator
+from diffusers import LCMScheduler
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -41,7 +42,13 @@ from .data import DEFAULT_FORMAT, DataFormat, ImageClassData, add_column_flags, 
 from .errors import UsageError, one_line_errors
 from .loading import load_pipeline
 from .pipeline_class_conditioned_ddim import ClassConditionedDDIMPipeline
-from .schedulers import SCHEDULERS, add_guidance_flag, add_guidance_interval_flag, set_scheduler
+from .schedulers import (
+    SCHEDULERS,
+    add_guidance_flag,
+    add_guidance_interval_flag,
+    add_timestep_spacing_flag,
+    set_scheduler,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -369,6 +376,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Sampler to use instead of the one saved with the pipeline.",
     )
+    add_timestep_spacing_flag(parser)
     parser.add_argument(
         "--cas",
         type=int,
@@ -424,8 +432,8 @@ def main(args: argparse.Namespace) -> None:
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    if args.scheduler:
-        set_scheduler(pipe, args.scheduler)
+    if args.scheduler or args.timestep_spacing:
+        set_scheduler(pipe, args.scheduler, args.timestep_spacing)
     results = evaluate(
         pipe,
         dataset=args.dataset or default_dataset(),
@@ -444,9 +452,11 @@ def main(args: argparse.Namespace) -> None:
     # What the pipeline ran with: the saved default wherever a flag was not given.
     settings = pipe.sampling_settings(args.num_inference_steps, args.guidance_scale, args.guidance_interval,
                                       args.guidance)  # fmt: skip
-    scheduler = type(pipe.scheduler).__name__
+    # LCMScheduler ignores the spacing: a student samples on the grid it was distilled on, which starts at t=999
+    spacing = None if isinstance(pipe.scheduler, LCMScheduler) else pipe.scheduler.config.timestep_spacing
+    scheduler = {"scheduler": type(pipe.scheduler).__name__, "timestep_spacing": spacing}
     print(summary_line(results), file=sys.stderr)
-    print(json.dumps({"model": args.model, "scheduler": scheduler, **settings, **results}))
+    print(json.dumps({"model": args.model, **scheduler, **settings, **results}))
 
 
 if __name__ == "__main__":

@@ -78,8 +78,8 @@ CONFIG_KEYS = [
     "num_epochs", "max_train_steps", "use_ema", "class_dropout_prob", "num_train_timesteps", "beta_schedule",
     "prediction_type", "snr_gamma", "block_out_channels", "layers_per_block", "down_block_types", "class_emb_size",
     "time_class_embedding", "mixed_precision", "seed", "default_scheduler", "default_num_inference_steps",
-    "default_guidance_scale", "default_guidance_interval", "guide_step", "teacher_guidance", "teacher_guidance_scale",
-    "num_ddim_timesteps", "huber_c",
+    "default_timestep_spacing", "default_guidance_scale", "default_guidance_interval", "guide_step", "teacher_guidance",
+    "teacher_guidance_scale", "num_ddim_timesteps", "huber_c",
 ]  # fmt: skip
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from .errors import UsageError, one_line_errors
 from .loading import shipped_model
-from .schedulers import SCHEDULERS, add_guidance_flag, add_guidance_interval_flag
+from .schedulers import SCHEDULERS, add_guidance_flag, add_guidance_interval_flag, add_timestep_spacing_flag
 
 USAGE = """Sample from a trained `ClassConditionedDDIMPipeline` into a PNG grid, one labelled row per requested class.
 
@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--scheduler", choices=sorted(SCHEDULERS), default=None, help="Sampler (default: the one saved with the model)."
     )
+    add_timestep_spacing_flag(parser)
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic, 1 is DDPM-like.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the starting noise; same seed, same images.")
     parser.add_argument("--output", default="grid.png", help="Where to write the PNG grid.")
@@ -119,8 +120,8 @@ def sample_and_write(args: argparse.Namespace) -> None:
     from .schedulers import set_scheduler
 
     pipe = load_pipeline(args.model, args.trust_remote_code, device=args.device, dtype=getattr(torch, args.dtype))
-    if args.scheduler:
-        set_scheduler(pipe, args.scheduler)
+    if args.scheduler or args.timestep_spacing:
+        set_scheduler(pipe, args.scheduler, args.timestep_spacing)
 
     class_labels = [class_label(text) for text in args.class_labels] if args.class_labels else list(
         range(pipe.unet.config.num_classes)

@@ -411,7 +411,7 @@ def train(args: argparse.Namespace, task: Task | None = None) -> None:
         num_train_timesteps=args.num_train_timesteps,
         beta_schedule=args.beta_schedule,
         prediction_type=args.prediction_type,
-        timestep_spacing="leading",  # DDIM's default, written out so the saved config and every sampler keep it
+        timestep_spacing=args.default_timestep_spacing,  # in the saved config, so every sampler keeps it
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
     # Found now rather than after hours of training: room for a checkpoint and the final pipeline.

@@ -158,7 +158,8 @@ def trained_dir(tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("trained") / "run"
     accelerate_launch(
         "cpu.yaml",
-        ["--output_dir", str(output_dir), "--max_train_steps", "4", "--train_batch_size", "8", *TINY_TRAIN_FLAGS],
+        ["--output_dir", str(output_dir), "--max_train_steps", "4", "--train_batch_size", "8",
+         "--default_timestep_spacing", "trailing", *TINY_TRAIN_FLAGS],  # fmt: skip
     )
     return output_dir
 

@@ -26,10 +26,13 @@ def test_training_writes_a_loadable_pipeline(trained_dir):
         "from pipeline import ClassConditionedDDIMPipeline\n"
         f"pipe = ClassConditionedDDIMPipeline.from_pretrained({str(trained_dir)!r})\n"
         "images = pipe(class_labels=[3, 7], num_inference_steps=2, output_type='np').images\n"
-        "print(type(pipe.unet).__name__, type(pipe.scheduler).__name__, images.shape, pipe.unet.config.id2label['7'])\n"
+        "print(type(pipe.unet).__name__, type(pipe.scheduler).__name__, pipe.scheduler.config.timestep_spacing,\n"
+        "      images.shape, pipe.unet.config.id2label['7'])\n"
     )
     result = run_cli([sys.executable, "-c", code])
-    assert result.stdout.split() == ["ClassConditionedUNet", "DDIMScheduler", "(2,", "28,", "28,", "1)", "7"]
+    # --default_timestep_spacing trailing is saved in the scheduler's config, where every sampler takes it from
+    expected = ["ClassConditionedUNet", "DDIMScheduler", "trailing", "(2,", "28,", "28,", "1)", "7"]
+    assert result.stdout.split() == expected
 
 
 def test_sample_cli_writes_one_row_per_label(trained_dir, tmp_path):

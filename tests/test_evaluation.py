@@ -132,10 +132,12 @@ def test_evaluate_cli_prints_mean_and_std_and_cas(trained_dir, classifier_cache)
     command = [sys.executable, "-m", "pipeline.evaluate", "--model", str(trained_dir), "--num_images_per_label",
                "3", "--num_inference_steps", "2", "--scheduler", "dpm++", "--seeds", "0", "1", "--cas", "3",
                "--reference", "validation", "--classifier_cache_dir", classifier_cache,
-               "--classifier_train_samples", str(CLASSIFIER_SAMPLES), "--guidance_interval", "0", "0.5"]  # fmt: skip
+               "--classifier_train_samples", str(CLASSIFIER_SAMPLES), "--guidance_interval", "0", "0.5",
+               "--timestep_spacing", "leading"]  # fmt: skip
     output = run_cli(command)
     result = json.loads(output.stdout.strip().splitlines()[-1])
     assert result["scheduler"] == "DPMSolverMultistepScheduler" and result["num_images"] == 30
+    assert result["timestep_spacing"] == "leading"  # the flag wins over the folder's saved "trailing"
     assert result["guidance_interval"] == [0.0, 0.5]
     assert result["reference"] == "validation" and result["floor_source"] == "test" and len(result["per_seed"]) == 2
     assert 0 <= result["cond_accuracy"]["mean"] <= 1 and result["fid"]["mean"] > 0

@@ -171,3 +171,11 @@ def test_an_autoguided_setting_says_so():
                   "guidance": "autoguidance"}  # fmt: skip
     assert report.sampler_text(evaluation) == "DPM-Solver++ 20 steps, autoguidance 1.75"
     assert report.sampler_text({**evaluation, "guidance": "cfg"}) == "DPM-Solver++ 20 steps, guidance 1.75"
+
+
+def test_a_trailing_spacing_is_named_and_old_rows_stay_leading():
+    evaluation = {"scheduler": "DPMSolverMultistepScheduler", "num_inference_steps": 20, "guidance_scale": 1.5}
+    assert report.sampler_text(evaluation) == "DPM-Solver++ 20 steps, guidance 1.5"  # a row from before the key
+    trailing = {**evaluation, "timestep_spacing": "trailing"}
+    assert report.sampler_text(trailing) == "DPM-Solver++ 20 trailing steps, guidance 1.5"
+    assert report.sampler_text({**trailing, "num_inference_steps": 1}) == "DPM-Solver++ 1 trailing step, guidance 1.5"
