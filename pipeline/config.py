@@ -54,6 +54,16 @@ def probability(text: str) -> float:
     return value
 
 
+def snr_gamma(text: str) -> float | None:
+    """`--snr_gamma`: a positive gamma, or "none" (plain loss), which also turns off a preset's min-SNR weighting."""
+    if text.lower() == "none":
+        return None
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number or none, got {text}")
+    return value
+
+
 def check_resolution(resolution: int, block_out_channels: list[int], what: str, fix: str) -> None:
     """Refuse a size the UNet cannot take: each level after the first halves it, and the up path must meet the down
     path's sizes again (otherwise a shape error deep in the UNet). `what` names the size, `fix` the flag to change."""
@@ -166,9 +176,10 @@ def add_diffusion_flags(diffusion: argparse._ArgumentGroup) -> None:
     )
     diffusion.add_argument(
         "--snr_gamma",
-        type=float,
+        type=snr_gamma,
         default=None,
-        help="Min-SNR-gamma loss weighting (Hang et al., 2023; 5.0 is their choice); off by default.",
+        help="Min-SNR-gamma loss weighting (Hang et al., 2023; 5.0 is their choice); off by default, and 'none' turns "
+        "off a preset's.",
     )
     diffusion.add_argument(
         "--class_dropout_prob",

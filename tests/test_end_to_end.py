@@ -118,6 +118,7 @@ def test_train_cli_bad_dataset(tmp_path, capsys, dataset, message):
         (["--train_batch_size", "0"], "must be a positive integer"),
         (["--max_train_steps", "-5"], "must be a positive integer"),
         (["--learning_rate", "-1"], "--learning_rate: must be a positive number, got -1"),
+        (["--snr_gamma", "0"], "--snr_gamma: must be a positive number or none, got 0"),
         (["--default_guidance_interval", "0.5", "0.2"], "--default_guidance_interval must be START STOP with 0 <="),
         (["--attention_head_dim", "24"], "--attention_head_dim 24 must divide the width of every level with attention"),
     ],

@@ -153,3 +153,9 @@ def test_one_error_path_prints_one_line_with_the_errors_own_exit_code(capsys, er
     assert exit_info.value.code == 130
     with pytest.raises(KeyboardInterrupt), one_line_errors():  # nothing to say about it: Python's own handling
         raise KeyboardInterrupt
+
+
+def test_snr_gamma_none_turns_off_a_presets_min_snr_weighting():
+    assert config.parse_args(["--preset", "quick"]).snr_gamma == 5.0
+    assert config.parse_args(["--preset", "quick", "--snr_gamma", "none"]).snr_gamma is None
+    assert config.parse_args(["--preset", "quick", "--snr_gamma", "2"]).snr_gamma == 2.0
