@@ -73,7 +73,9 @@ PRESETS: dict[str, dict] = {
     # width-24-48-48-head-dim-48 and quick-attention-head-dim-32); the hour buys it twice quick's steps, sized to stay
     # under 60 minutes in this machine's slow hours (85 images/s; 4,500 steps would have taken 60).
     # Guidance 2: at 1.75 its validation accuracy fell under the hour's 99.5 % target (99.4 %, 3 seeds: row
-    # cpu-hour-cfg-3-seeds). Measured: README "Quality", row cpu-hour.
+    # cpu-hour-cfg-3-seeds). The trailing timestep spacing lifts light guidance (98.4 % / 1.05x at 1.25, seed 0) but
+    # kept 99.5 % at no lower scale (99.4 % at 1.625, 3 seeds: rows cpu-hour-trailing*), so it stays "leading".
+    # Measured: README "Quality", row cpu-hour.
     "cpu-hour": {
         **QUICK,
         "block_out_channels": [24, 48, 48],
