@@ -161,8 +161,8 @@ def test_switching_sampler_keeps_the_timestep_spacing(tiny_unet, name):
 
 @pytest.mark.parametrize("name", sorted(set(SCHEDULERS) - {"lcm"}))
 def test_a_saved_trailing_spacing_starts_every_sampler_at_pure_noise(tiny_unet, name):
-    # The v-prediction presets save "trailing": sampling starts at t=999, pure noise, as the starting noise is (a
-    # stride earlier, "leading", doubled cpu-hour's FID without guidance). Broken if switching sampler drops it.
+    # A model saved with --default_timestep_spacing trailing starts sampling at t=999, pure noise, as the starting
+    # noise is, whichever sampler a caller switches to. Broken if switching sampler drops the saved spacing.
     scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
     pipe = ClassConditionedDDIMPipeline(unet=tiny_unet, scheduler=scheduler)
     set_scheduler(pipe, name)
